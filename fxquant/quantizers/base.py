@@ -1,0 +1,112 @@
+"""Quantizer base class, registry and the input checks every quantizer shares.
+
+A quantizer in fxquant is two things kept side by side:
+
+* a pure function (usually a ``torch.autograd.Function``) whose forward and surrogate gradient are
+  written next to each other, and
+* a thin leaf :class:`Quantizer` module that calls it, carries ``bits`` and a registry ``name``.
+
+Graph passes insert the module (never the function): ``torch.fx`` inlines an autograd Function it
+traces through and silently drops its custom backward, while a leaf module survives as one
+``call_module`` node.
+
+>>> from fxquant.quantizers import get
+>>> q = get("ste_sign")
+>>> q.bits, q.name
+(1, 'ste_sign')
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any, ClassVar, TypeVar
+
+import torch
+from torch import nn
+
+__all__ = ["Quantizer", "register", "get", "names", "check_floating"]
+
+_REGISTRY: dict[str, type[Quantizer]] = {}
+
+Q = TypeVar("Q", bound="type[Quantizer]")
+
+
+class Quantizer(nn.Module):
+    """Base class of every fxquant quantizer module.
+
+    Subclasses set the class attribute ``name`` (their registry alias, given by :func:`register`)
+    and an instance attribute ``bits``: the number of bits one quantized value needs (1 for binary,
+    2 for ternary, k for k-bit grids; 32 for quantizers whose output is not on a fixed grid).
+    A quantizer holds no persistent state unless it learns something.
+    """
+
+    name: ClassVar[str] = ""
+    bits: int
+
+    def __init__(self, bits: int) -> None:
+        super().__init__()
+        if isinstance(bits, bool) or not isinstance(bits, int) or bits < 1:
+            raise ValueError(f"{type(self).__name__}: bits must be an int >= 1, got {bits!r}")
+        self.bits = bits
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}"
+
+
+def register(name: str) -> Callable[[Q], Q]:
+    """Class decorator: make ``cls`` available as ``get(name)``.
+
+    A name can be registered once; registering another class under a taken name is a ValueError.
+    """
+
+    def decorate(cls: Q) -> Q:
+        if not (isinstance(cls, type) and issubclass(cls, Quantizer)):
+            raise TypeError(f"register({name!r}) expects a Quantizer subclass, got {cls!r}")
+        known = _REGISTRY.get(name)
+        if known is not None and known is not cls:
+            raise ValueError(f"quantizer name {name!r} is already registered to {known.__name__}")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+def names() -> list[str]:
+    """The registered quantizer names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get(identifier: str | Quantizer | Callable[[], Quantizer], **kwargs: Any) -> Quantizer:
+    """Return a fresh quantizer module.
+
+    ``identifier`` may be a registry name (``kwargs`` go to the constructor), a :class:`Quantizer`
+    instance (a deep copy is returned, so one instance can serve many layers) or a factory that
+    returns a Quantizer. Unknown names raise ``ValueError`` listing the known ones.
+    """
+    if isinstance(identifier, str):
+        cls = _REGISTRY.get(identifier)
+        if cls is None:
+            raise ValueError(f"unknown quantizer {identifier!r}; known names: {', '.join(names())}")
+        return cls(**kwargs)
+    if kwargs:
+        raise ValueError("keyword arguments are only accepted together with a quantizer name")
+    if isinstance(identifier, Quantizer):
+        return copy.deepcopy(identifier)
+    if callable(identifier) and not isinstance(identifier, nn.Module):
+        made = identifier()
+        if not isinstance(made, Quantizer):
+            raise ValueError(f"quantizer factory {identifier!r} returned {type(made).__name__}, "
+                             "not a fxquant Quantizer")
+        return made
+    raise ValueError(f"cannot make a quantizer from {identifier!r}: give a registry name, a "
+                     "Quantizer instance or a factory")
+
+
+def check_floating(x: torch.Tensor, who: str) -> None:
+    """Raise TypeError unless ``x`` is a floating-point tensor (integer and bool tensors are refused)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{who} expects a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{who} expects a floating-point tensor, got dtype {x.dtype}")
