@@ -1,6 +1,19 @@
-"""fxquant: torch.fx graph-rewriting low-bit quantization (binary, ternary, k-bit, WAGE)."""
+"""fxquant: torch.fx graph-rewriting low-bit quantization (binary, ternary, k-bit, WAGE).
+
+>>> import torch, torch.nn as nn, fxquant
+>>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+>>> prepared = fxquant.prepare(model, fxquant.Recipe.bnn())
+>>> "_2_weight_quantizer" in prepared.code
+True
+"""
 
 from fxquant import quantizers, wage
+from fxquant.api import prepare
+from fxquant.graph.meta import QuantRecord
+from fxquant.graph.recipe import Recipe
+from fxquant.graph.tracer import TracingError
+from fxquant.inspect import summary, to_networkx
 
-__all__ = ["quantizers", "wage"]
+__all__ = ["prepare", "Recipe", "QuantRecord", "TracingError", "summary", "to_networkx",
+           "quantizers", "wage"]
 __version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Graph side of fxquant: tracing, recipes, node records, passes and pipelines."""

@@ -1,0 +1,81 @@
+"""The one typed record fxquant passes share, stored at ``node.meta["fxquant"]``.
+
+Passes never keep side tables keyed by node name: every fact a later pass, ``summary()`` or
+``to_networkx()`` needs travels on the node itself as a frozen :class:`QuantRecord`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal, Union
+
+import torch.fx
+
+from fxquant.quantizers.base import Quantizer
+
+__all__ = ["META_KEY", "Role", "Slot", "SLOTS", "QuantSpec", "QuantRecord", "get_record",
+           "set_record", "update_record"]
+
+META_KEY = "fxquant"
+
+Role = Literal["layer", "weight_quantizer", "input_quantizer", "output_quantizer",
+               "error_quantizer"]
+Slot = Literal["weight", "input", "output", "error"]
+SLOTS: tuple[Slot, ...] = ("weight", "input", "output", "error")
+
+QuantizerLike = Union[str, Quantizer, Callable[[], Quantizer]]
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """What one recipe slot resolved to for one layer, and which rule decided it."""
+
+    quantizer: QuantizerLike
+    rule: str
+
+
+@dataclass(frozen=True)
+class QuantRecord:
+    """Facts about one node.
+
+    ``role``: "layer" for a weighted layer, ``<slot>_quantizer`` for an inserted quantizer.
+    ``layer``: the qualified path of the layer (its module path, or for a functional call the
+    path of its weight without ``.weight``). ``op``: the layer kind ("linear", "conv2d", ...).
+    ``module``: the module that owns the layer's parameters ("" when it has none).
+    ``specs``: resolved recipe slots (layers only; slots left in float are absent).
+    ``quantizers``: slot -> inserted submodule name (layers, filled by the insert passes).
+    ``quantizer`` / ``bits``: registry name and bits (quantizer nodes only).
+    """
+
+    role: Role
+    layer: str
+    op: str = ""
+    module: str = ""
+    specs: tuple[tuple[Slot, QuantSpec], ...] = ()
+    quantizers: tuple[tuple[Slot, str], ...] = ()
+    quantizer: str = ""
+    bits: int = 32
+
+    def spec(self, slot: Slot) -> QuantSpec | None:
+        return dict(self.specs).get(slot)
+
+    def quantizer_name(self, slot: Slot) -> str | None:
+        return dict(self.quantizers).get(slot)
+
+
+def get_record(node: torch.fx.Node) -> QuantRecord | None:
+    """The record on ``node``, or None."""
+    return node.meta.get(META_KEY)
+
+
+def set_record(node: torch.fx.Node, record: QuantRecord) -> None:
+    node.meta[META_KEY] = record
+
+
+def update_record(node: torch.fx.Node, **changes: object) -> QuantRecord:
+    """Replace fields of the record on ``node`` (which must have one) and return the new record."""
+    record = dataclasses.replace(node.meta[META_KEY], **changes)
+    node.meta[META_KEY] = record
+    return record

@@ -1,0 +1,131 @@
+"""insert_*_quantizers: put quantizer leaf modules around the layers annotate_layers recorded."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+from fxquant.graph.meta import QuantRecord, Slot, get_record, set_record, update_record
+from fxquant.graph.patterns import FUNCTIONAL_FORM, pattern_end
+from fxquant.graph.recipe import Recipe
+from fxquant.quantizers.base import get
+
+__all__ = ["insert_weight_quantizers", "insert_input_quantizers", "insert_output_quantizers",
+           "insert_error_quantizers"]
+
+
+def _layers(gm: torch.fx.GraphModule, slot: Slot) -> Iterator[tuple[torch.fx.Node, QuantRecord]]:
+    for node in list(gm.graph.nodes):
+        record = get_record(node)
+        if record is not None and record.role == "layer" and record.spec(slot) is not None:
+            yield node, record
+
+
+def _add_quantizer(gm: torch.fx.GraphModule, layer: torch.fx.Node, record: QuantRecord,
+                   slot: Slot, arg: torch.fx.Node) -> torch.fx.Node:
+    """Create ``<layer>_<slot>_quantizer``, register it and return its call node on ``arg``.
+
+    The caller chooses the insertion point. The name is made unique with a numeric suffix when a
+    layer module is called more than once.
+    """
+    spec = record.spec(slot)
+    assert spec is not None
+    quantizer = get(spec.quantizer)
+    base = f"{record.layer.replace('.', '_')}_{slot}_quantizer"
+    name, i = base, 0
+    while hasattr(gm, name):
+        i += 1
+        name = f"{base}_{i}"
+    gm.add_submodule(name, quantizer)
+    node = gm.graph.call_module(name, (arg,))
+    set_record(node, QuantRecord(f"{slot}_quantizer", record.layer, record.op, record.module,
+                                 quantizer=quantizer.name, bits=quantizer.bits))
+    update_record(layer, quantizers=(*record.quantizers, (slot, name)))
+    return node
+
+
+def _functional_call(gm: torch.fx.GraphModule, node: torch.fx.Node, module: nn.Module,
+                     weight: torch.fx.Node) -> torch.fx.Node:
+    """The functional form of a Linear/Conv module call, fed by ``weight``."""
+    graph, target = gm.graph, str(node.target)
+    x = node.args[0] if node.args else node.kwargs["input"]
+    bias = graph.get_attr(f"{target}.bias") if module.bias is not None else None
+    op, fn = FUNCTIONAL_FORM[type(module)]
+    if op == "linear":
+        return graph.call_function(fn, (x, weight, bias))
+    padding = module.padding
+    if module.padding_mode != "zeros":
+        x = graph.call_function(F.pad, (x, module._reversed_padding_repeated_twice),
+                                {"mode": module.padding_mode})
+        padding = 0
+    return graph.call_function(fn, (x, weight, bias, module.stride, padding, module.dilation,
+                                    module.groups))
+
+
+def insert_weight_quantizers(gm: torch.fx.GraphModule, recipe: Recipe) -> torch.fx.GraphModule:
+    """``conv(x)`` -> ``F.conv2d(x, conv_weight_quantizer(conv.weight), conv.bias, ...)``.
+
+    The module keeps owning its parameters, so the state_dict keys stay those of the float model.
+    """
+    modules = dict(gm.named_modules())
+    for node, record in _layers(gm, "weight"):
+        with gm.graph.inserting_before(node):
+            if node.op == "call_module":
+                weight = gm.graph.get_attr(f"{node.target}.weight")
+                qweight = _add_quantizer(gm, node, record, "weight", weight)
+                new = _functional_call(gm, node, modules[str(node.target)], qweight)
+                new.meta.update(node.meta)
+                node.replace_all_uses_with(new)
+                gm.graph.erase_node(node)
+            else:
+                weight = node.args[1] if len(node.args) > 1 else node.kwargs["weight"]
+                qweight = _add_quantizer(gm, node, record, "weight", weight)
+                if len(node.args) > 1:
+                    node.update_arg(1, qweight)
+                else:
+                    node.update_kwarg("weight", qweight)
+    return gm
+
+
+def insert_input_quantizers(gm: torch.fx.GraphModule, recipe: Recipe) -> torch.fx.GraphModule:
+    """``layer(x)`` -> ``layer(<layer>_input_quantizer(x))`` (larq's placement)."""
+    for node, record in _layers(gm, "input"):
+        x = node.args[0] if node.args else node.kwargs["input"]
+        with gm.graph.inserting_before(node):
+            qx = _add_quantizer(gm, node, record, "input", x)
+        if node.args:
+            node.update_arg(0, qx)
+        else:
+            node.update_kwarg("input", qx)
+    return gm
+
+
+def _insert_after(gm: torch.fx.GraphModule, layer: torch.fx.Node, record: QuantRecord,
+                  slot: Slot, anchor: torch.fx.Node) -> None:
+    with gm.graph.inserting_after(anchor):
+        q = _add_quantizer(gm, layer, record, slot, anchor)
+    anchor.replace_all_uses_with(q, delete_user_cb=lambda user: user is not q)
+
+
+def insert_output_quantizers(gm: torch.fx.GraphModule, recipe: Recipe) -> torch.fx.GraphModule:
+    """Quantize the end of ``layer -> [batch norm] -> [relu/hardtanh]`` (WAGE's A placement)."""
+    modules = dict(gm.named_modules())
+    for node, record in _layers(gm, "output"):
+        _insert_after(gm, node, record, "output", pattern_end(node, modules))
+    return gm
+
+
+def insert_error_quantizers(gm: torch.fx.GraphModule, recipe: Recipe) -> torch.fx.GraphModule:
+    """Identity forward, gradient quantizer backward (WAGE's E), after the output quantizer."""
+    modules = dict(gm.named_modules())
+    for node, record in _layers(gm, "error"):
+        anchor = pattern_end(node, modules)
+        output_name = record.quantizer_name("output")
+        for user in anchor.users:
+            if user.op == "call_module" and user.target == output_name:
+                anchor = user
+        _insert_after(gm, node, get_record(node) or record, "error", anchor)
+    return gm

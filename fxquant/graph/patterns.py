@@ -1,0 +1,104 @@
+"""What counts as a weighted layer, a batch norm and an activation, in module and functional form.
+
+Rules are data: adding a layer kind means adding a row to a table, not touching traversal code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["LayerMatch", "match_layer", "is_batch_norm", "is_activation", "pattern_end",
+           "FUNCTIONAL_FORM"]
+
+# module class -> (op name, functional form used once its weight is quantized)
+FUNCTIONAL_FORM: dict[type[nn.Module], tuple[str, Callable[..., Any]]] = {
+    nn.Linear: ("linear", F.linear),
+    nn.Conv1d: ("conv1d", F.conv1d),
+    nn.Conv2d: ("conv2d", F.conv2d),
+    nn.Conv3d: ("conv3d", F.conv3d),
+}
+
+# functional call -> op name (weight is args[1] or kwargs["weight"])
+_FUNCTIONS: dict[Callable[..., Any], str] = {
+    F.linear: "linear", torch.conv1d: "conv1d", torch.conv2d: "conv2d", torch.conv3d: "conv3d",
+    F.conv1d: "conv1d", F.conv2d: "conv2d", F.conv3d: "conv3d",
+}
+
+_BATCH_NORM_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_BATCH_NORM_FUNCTIONS = {F.batch_norm, torch.batch_norm}
+_ACTIVATION_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardtanh)
+_ACTIVATION_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.hardtanh, torch.nn.functional.hardtanh_,
+                         torch.relu_, F.relu_}
+_ACTIVATION_METHODS = {"relu", "relu_", "hardtanh", "clamp"}
+
+
+@dataclass(frozen=True)
+class LayerMatch:
+    """A weighted layer found in the graph."""
+
+    op: str
+    path: str                     # module path, or the weight's path without ".weight"
+    module: str                   # owner of the parameters ("" if none)
+    module_type: type[nn.Module] | None
+    function: Callable[..., Any] | None
+    weight: torch.fx.Node | None  # the get_attr node feeding a functional call
+
+
+def match_layer(node: torch.fx.Node, modules: dict[str, nn.Module]) -> LayerMatch | None:
+    """Return a LayerMatch if ``node`` is a weighted layer whose weight is a parameter."""
+    if node.op == "call_module":
+        module = modules.get(str(node.target))
+        form = FUNCTIONAL_FORM.get(type(module)) if module is not None else None
+        if form is None:
+            return None
+        return LayerMatch(form[0], str(node.target), str(node.target), type(module), None, None)
+    if node.op == "call_function" and node.target in _FUNCTIONS:
+        weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+        if not (isinstance(weight, torch.fx.Node) and weight.op == "get_attr"):
+            return None
+        target = str(weight.target)
+        owner, _, attr = target.rpartition(".")
+        path = owner if attr == "weight" and owner else target
+        return LayerMatch(_FUNCTIONS[node.target], path, owner, None, node.target, weight)
+    return None
+
+
+def _single_user(node: torch.fx.Node) -> torch.fx.Node | None:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def is_batch_norm(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules.get(str(node.target)), _BATCH_NORM_MODULES)
+    return node.op == "call_function" and node.target in _BATCH_NORM_FUNCTIONS
+
+
+def is_activation(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules.get(str(node.target)), _ACTIVATION_MODULES)
+    if node.op == "call_method":
+        return node.target in _ACTIVATION_METHODS
+    return node.op == "call_function" and node.target in _ACTIVATION_FUNCTIONS
+
+
+def pattern_end(node: torch.fx.Node, modules: dict[str, nn.Module]) -> torch.fx.Node:
+    """The last node of ``layer -> [batch norm] -> [relu/hardtanh]`` starting at ``node``.
+
+    A step is only taken when the current node has exactly one user and it is the first argument
+    of that user, so a value that also feeds elsewhere (a residual branch) is never skipped.
+    """
+    end = node
+    for test in (is_batch_norm, is_activation):
+        nxt = _single_user(end)
+        if nxt is not None and nxt.args and nxt.args[0] is end and test(nxt, modules):
+            end = nxt
+    return end
+

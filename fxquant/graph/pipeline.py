@@ -1,0 +1,44 @@
+"""The visible pipelines and the one tiny driver that runs them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch.fx
+
+from fxquant.graph.passes import (
+    annotate_layers,
+    insert_error_quantizers,
+    insert_input_quantizers,
+    insert_output_quantizers,
+    insert_weight_quantizers,
+)
+
+__all__ = ["PREPARE", "run"]
+
+Pass = Callable[..., torch.fx.GraphModule]
+
+PREPARE: tuple[Pass, ...] = (
+    annotate_layers,
+    insert_weight_quantizers,
+    insert_input_quantizers,
+    insert_output_quantizers,
+    insert_error_quantizers,
+)
+
+
+def run(gm: torch.fx.GraphModule, passes: Sequence[Pass], *args: Any) -> torch.fx.GraphModule:
+    """Apply ``passes`` in order (each called as ``p(gm, *args)``), lint after each, recompile once.
+
+    A pass that breaks the graph is named in the error. Recompiling once at the end rather than
+    after every pass keeps the driver's cost close to a single trace.
+    """
+    for p in passes:
+        gm = p(gm, *args)
+        try:
+            gm.graph.lint()
+        except Exception as err:
+            raise RuntimeError(f"fxquant pass {p.__name__} produced an invalid graph: {err}") from err
+    gm.recompile()
+    return gm

@@ -1,0 +1,211 @@
+"""Recipes: which quantizer goes in which slot of which layer.
+
+A :class:`Recipe` has four slots (``weight``, ``input``, ``output``, ``error``) and an ordered set of
+refinement rules. Each slot value is a registry name (``"ste_sign"``), a quantizer instance (deep-copied
+for every layer), a factory returning a quantizer, or ``None`` (leave that slot in float).
+
+Precedence, lowest to highest::
+
+    global  <  type / function  <  first/last layer  <  regex  <  exact name
+
+A rule only sets the slots it names; the others fall through to lower precedence. Among rules of the
+same kind, the one added last wins. ``keep_first_last=True`` (used by the BNN, XNOR, Bi-Real, TWN and
+DoReFa presets, as in the papers) leaves every slot of the first and the last weighted layer (in graph
+order) in float unless a regex or name rule says otherwise.
+
+>>> import torch.nn as nn
+>>> r = Recipe(weight="ste_sign").for_type(nn.Linear, weight=None).for_name("fc2", weight="ste_tern")
+>>> [rule.describe() for rule in r.rules]
+['type:Linear', 'name:fc2']
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from fxquant.graph.meta import SLOTS, QuantizerLike, QuantSpec, Slot
+from fxquant.quantizers.base import Quantizer, names
+
+__all__ = ["Recipe", "Rule", "LayerInfo"]
+
+_UNSET: Any = object()
+_PRECEDENCE = {"type": 1, "first_last": 2, "regex": 3, "name": 4}
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """What a rule can match on: the layer path, its module class (or None) and its function."""
+
+    path: str
+    module_type: type[nn.Module] | None
+    function: Callable[..., Any] | None
+    first_or_last: bool = False
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One refinement: ``kind`` is "type", "regex" or "name"; ``slots`` holds the slots it sets."""
+
+    kind: str
+    key: Any
+    slots: tuple[tuple[Slot, QuantizerLike | None], ...]
+    compiled: re.Pattern[str] | None = field(default=None, compare=False)
+
+    def describe(self) -> str:
+        if self.kind == "type":
+            return f"type:{getattr(self.key, '__name__', repr(self.key))}"
+        return f"{self.kind}:{self.key}"
+
+    def matches(self, layer: LayerInfo) -> bool:
+        if self.kind == "name":
+            return layer.path == self.key
+        if self.kind == "regex":
+            assert self.compiled is not None
+            return self.compiled.fullmatch(layer.path) is not None
+        if isinstance(self.key, type):
+            return layer.module_type is not None and issubclass(layer.module_type, self.key)
+        return layer.function is self.key
+
+
+def _check_slot_value(value: Any, where: str) -> None:
+    if value is None or isinstance(value, Quantizer):
+        return
+    if isinstance(value, str):
+        if value not in names():
+            raise ValueError(f"{where}: unknown quantizer {value!r}; known names: "
+                             f"{', '.join(names())}")
+        return
+    if callable(value) and not isinstance(value, nn.Module):
+        return
+    raise ValueError(f"{where}: expected a quantizer name, a Quantizer instance, a factory or None, "
+                     f"got {value!r}")
+
+
+def _slots(where: str, **slots: Any) -> tuple[tuple[Slot, Any], ...]:
+    unknown = set(slots) - set(SLOTS)
+    if unknown:
+        raise ValueError(f"{where}: unknown slot(s) {sorted(unknown)}; slots are {list(SLOTS)}")
+    for slot, value in slots.items():
+        _check_slot_value(value, f"{where} slot {slot!r}")
+    return tuple((s, slots[s]) for s in SLOTS if s in slots)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Global slot choices plus refinement rules. Refinements return new recipes."""
+
+    weight: QuantizerLike | None = None
+    input: QuantizerLike | None = None
+    output: QuantizerLike | None = None
+    error: QuantizerLike | None = None
+    strict: bool = False
+    keep_first_last: bool = False
+    rules: tuple[Rule, ...] = ()
+
+    def __post_init__(self) -> None:
+        for slot in SLOTS:
+            _check_slot_value(getattr(self, slot), f"Recipe slot {slot!r}")
+
+    # -- refinements -------------------------------------------------------------------------
+    def for_type(self, key: type[nn.Module] | Callable[..., Any], **slots: Any) -> Recipe:
+        """Set slots for layers of a module class (subclasses too) or calls of a function."""
+        if isinstance(key, type):
+            if not issubclass(key, nn.Module):
+                raise ValueError(f"for_type: {key.__name__} is not an nn.Module subclass")
+        elif not callable(key) or isinstance(key, (nn.Module, str)):
+            raise ValueError(f"for_type: expected an nn.Module class or a function such as "
+                             f"torch.nn.functional.conv2d, got {key!r}")
+        return self._add(Rule("type", key, _slots(f"for_type({key!r})", **slots)))
+
+    def for_regex(self, pattern: str, **slots: Any) -> Recipe:
+        """Set slots for layers whose qualified path fully matches ``pattern``."""
+        if not isinstance(pattern, str):
+            raise ValueError(f"for_regex: pattern must be a str, got {pattern!r}")
+        try:
+            compiled = re.compile(pattern)
+        except re.error as err:
+            raise ValueError(f"for_regex: invalid regular expression {pattern!r}: {err}") from err
+        return self._add(Rule("regex", pattern, _slots(f"for_regex({pattern!r})", **slots),
+                              compiled))
+
+    def for_name(self, qualified_name: str, **slots: Any) -> Recipe:
+        """Set slots for the layer at exactly ``qualified_name`` (e.g. ``"layer1.0.conv1"``)."""
+        if not isinstance(qualified_name, str) or not qualified_name:
+            raise ValueError(f"for_name: expected a non-empty module path, got {qualified_name!r}")
+        return self._add(Rule("name", qualified_name, _slots(f"for_name({qualified_name!r})",
+                                                               **slots)))
+
+    def _add(self, rule: Rule) -> Recipe:
+        return Recipe(self.weight, self.input, self.output, self.error, self.strict,
+                      self.keep_first_last, (*self.rules, rule))
+
+    # -- resolution --------------------------------------------------------------------------
+    def resolve(self, layer: LayerInfo) -> tuple[tuple[Slot, QuantSpec], ...]:
+        """The quantizer each slot gets for ``layer`` (slots left in float are omitted)."""
+        chosen: dict[Slot, QuantSpec | None] = {}
+        for slot in SLOTS:
+            value = getattr(self, slot)
+            chosen[slot] = None if value is None else QuantSpec(value, "global")
+        for level, rule in self._ordered():
+            if level == "first_last":
+                if layer.first_or_last:
+                    chosen = dict.fromkeys(SLOTS)
+                continue
+            if rule is not None and rule.matches(layer):
+                for slot, value in rule.slots:
+                    chosen[slot] = None if value is None else QuantSpec(value, rule.describe())
+        return tuple((slot, spec) for slot, spec in chosen.items() if spec is not None)
+
+    def _ordered(self) -> list[tuple[str, Rule | None]]:
+        levels: list[tuple[str, Rule | None]] = [(r.kind, r) for r in self.rules]
+        if self.keep_first_last:
+            levels.append(("first_last", None))
+        return sorted(levels, key=lambda item: _PRECEDENCE[item[0]])  # stable: last added wins
+
+    def unmatched_rules(self, layers: list[LayerInfo]) -> list[Rule]:
+        """Rules that match none of ``layers`` (an error when ``strict``)."""
+        return [r for r in self.rules if not any(r.matches(layer) for layer in layers)]
+
+    # -- presets -----------------------------------------------------------------------------
+    @classmethod
+    def bnn(cls) -> Recipe:
+        """BinaryNet (Hubara et al. 2016): ste_sign weights and inputs; first and last layer float."""
+        return cls(weight="ste_sign", input="ste_sign", keep_first_last=True)
+
+    @classmethod
+    def xnor(cls) -> Recipe:
+        """XNOR-Net (Rastegari et al. 2016): magnitude-aware (α·sign) weights, ste_sign inputs."""
+        return cls(weight="magnitude_aware_sign", input="ste_sign", keep_first_last=True)
+
+    @classmethod
+    def bireal(cls) -> Recipe:
+        """Bi-Real Net (Liu et al. 2018): magnitude-aware weights, approx_sign inputs."""
+        return cls(weight="magnitude_aware_sign", input="approx_sign", keep_first_last=True)
+
+    @classmethod
+    def twn(cls) -> Recipe:
+        """Ternary Weight Networks (Li et al. 2016): ternary weights, Δ = 0.7·mean|W|."""
+        from fxquant.quantizers.ternary import SteTern
+
+        return cls(weight=SteTern(ternary_weight_networks=True), keep_first_last=True)
+
+    @classmethod
+    def dorefa(cls, w_bits: int = 2, a_bits: int = 2) -> Recipe:
+        """DoReFa-Net (Zhou et al. 2016): k-bit tanh-normalised weights, k-bit [0, 1] inputs."""
+        from fxquant.quantizers.kbit import DoReFa
+
+        return cls(weight=DoReFa(w_bits, mode="weights"), input=DoReFa(a_bits, mode="activations"),
+                   keep_first_last=True)
+
+    @classmethod
+    def wage(cls, bits_W: int = 2, bits_A: int = 8, bits_E: int = 8) -> Recipe:  # noqa: N803
+        """WAGE (Wu et al. 2018): QW weights, QA after each layer's activation, QE on its error."""
+        from fxquant.wage import WAGEError, WAGEQuantizer, WAGEWeight
+
+        return cls(weight=WAGEWeight(bits_W), output=WAGEQuantizer(bits_A, -1),
+                   error=WAGEError(bits_E))
