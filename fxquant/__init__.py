@@ -8,12 +8,13 @@ True
 """
 
 from fxquant import quantizers, wage
-from fxquant.api import prepare
+from fxquant.api import convert, is_converted, prepare
 from fxquant.graph.meta import QuantRecord
 from fxquant.graph.recipe import Recipe
 from fxquant.graph.tracer import TracingError
 from fxquant.inspect import summary, to_networkx
+from fxquant.io import load, save
 
-__all__ = ["prepare", "Recipe", "QuantRecord", "TracingError", "summary", "to_networkx",
+__all__ = ["prepare", "convert", "is_converted", "Recipe", "QuantRecord", "TracingError", "summary", "to_networkx", "save", "load",
            "quantizers", "wage"]
 __version__ = "0.1.0"

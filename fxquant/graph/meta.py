@@ -21,7 +21,7 @@ __all__ = ["META_KEY", "Role", "Slot", "SLOTS", "QuantSpec", "QuantRecord", "get
 META_KEY = "fxquant"
 
 Role = Literal["layer", "weight_quantizer", "input_quantizer", "output_quantizer",
-               "error_quantizer"]
+               "error_quantizer", "folded_weight", "packed_weight"]
 Slot = Literal["weight", "input", "output", "error"]
 SLOTS: tuple[Slot, ...] = ("weight", "input", "output", "error")
 
@@ -40,7 +40,8 @@ class QuantSpec:
 class QuantRecord:
     """Facts about one node.
 
-    ``role``: "layer" for a weighted layer, ``<slot>_quantizer`` for an inserted quantizer.
+    ``role``: "layer" for a weighted layer, ``<slot>_quantizer`` for an inserted quantizer,
+    "folded_weight" / "packed_weight" for a weight constant after convert's folding / packing.
     ``layer``: the qualified path of the layer (its module path, or for a functional call the
     path of its weight without ``.weight``). ``op``: the layer kind ("linear", "conv2d", ...).
     ``module``: the module that owns the layer's parameters ("" when it has none).

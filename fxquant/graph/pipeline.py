@@ -9,13 +9,18 @@ import torch.fx
 
 from fxquant.graph.passes import (
     annotate_layers,
+    eliminate_dead_code,
+    fold_batch_norm,
+    fold_weight_quantizers,
     insert_error_quantizers,
     insert_input_quantizers,
     insert_output_quantizers,
     insert_weight_quantizers,
+    lower_activation_quantizers,
+    pack_weights,
 )
 
-__all__ = ["PREPARE", "run"]
+__all__ = ["PREPARE", "LOWER", "run"]
 
 Pass = Callable[..., torch.fx.GraphModule]
 
@@ -25,6 +30,14 @@ PREPARE: tuple[Pass, ...] = (
     insert_input_quantizers,
     insert_output_quantizers,
     insert_error_quantizers,
+)
+
+LOWER: tuple[Pass, ...] = (
+    fold_weight_quantizers,
+    fold_batch_norm,
+    lower_activation_quantizers,
+    pack_weights,
+    eliminate_dead_code,
 )
 
 

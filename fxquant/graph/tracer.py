@@ -7,6 +7,7 @@ user's source line and the fixes, instead of a bare ``torch.fx`` error.
 from __future__ import annotations
 
 import os
+import re
 import traceback
 from collections.abc import Iterable
 from typing import Any
@@ -95,5 +96,24 @@ def trace(model: nn.Module, concrete_args: dict[str, Any] | None = None,
             f"in float and opaque to fxquant); or rewrite that line without control flow on "
             f"tensor values, len() or iteration of tensors."
         ) from err
-    name = type(model).__name__
-    return torch.fx.GraphModule(tracer.root, graph, name)
+    _keep_concrete_defaults(graph, concrete_args or {})
+    return torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def _keep_concrete_defaults(graph: torch.fx.Graph, concrete_args: dict[str, Any]) -> None:
+    """Keep a fixed argument callable by its own name, defaulting to its fixed value.
+
+    ``torch.fx`` renames a concrete argument's placeholder (``augment`` -> ``augment_1``) and keeps
+    the original default, so ``gm(x)`` fails its specialisation assert. Here ``gm(x)`` and
+    ``gm(x, augment=False)`` work, and another value still fails the assert.
+    """
+    taken = {str(n.target) for n in graph.nodes if n.op == "placeholder"}
+    for node in graph.nodes:
+        if node.op != "placeholder":
+            continue
+        base = re.sub(r"_\d+$", "", str(node.target))
+        value = concrete_args.get(base, torch.fx.PH)
+        if base != node.target and base not in taken and value is not torch.fx.PH:
+            node.target = base
+            node.args = (value,)
+            taken.add(base)

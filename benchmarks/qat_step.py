@@ -1,0 +1,104 @@
+"""One training step (forward + backward + SGD) of the ResNet-18-style net prepared with
+``Recipe.bnn()``, as a ratio to the float model's step in the same run, plus peak memory.
+
+Memory is measured two ways, each variant in its own fresh process:
+* ``saved_bytes``: bytes of the distinct tensors autograd saves for backward (the activations the
+  step must keep alive; exact and noise-free);
+* ``peak_rss_delta``: growth of the process's peak resident set during one step.
+Goals: <= 1.15x float time and <= 1.25x float peak memory.
+
+    python -m benchmarks.qat_step [--width 32 --batch 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import ROOT, timeit, write
+from fxquant import Recipe, prepare
+from tests.models import resnet18
+
+
+def _model(variant: str, width: int) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = resnet18(width=width)
+    return model if variant == "float" else prepare(model, Recipe.bnn())
+
+
+def _step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor,
+          y: torch.Tensor) -> None:
+    opt.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+
+
+def _batch(batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(batch, 3, 32, 32, generator=g), torch.randint(0, 10, (batch,), generator=g)
+
+
+def measure_memory(variant: str, width: int, batch: int) -> dict[str, float]:
+    """Run in a fresh process: bytes saved for backward and peak RSS growth of one step."""
+    model = _model(variant, width)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = _batch(batch)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with open("/proc/self/statm") as f:
+        current_kib = int(f.read().split()[1]) * resource.getpagesize() / 1024
+    _step(model, opt, x, y)  # first: the peak RSS only ever grows
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()
+        storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        F.cross_entropy(model(x), y)
+    return {"saved_bytes": float(sum(storages.values())),
+            "peak_rss_delta_kib": float(peak - max(before, current_kib))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--width", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--memory-only", choices=["float", "bnn"])
+    args = parser.parse_args()
+    if args.memory_only:
+        print(json.dumps(measure_memory(args.memory_only, args.width, args.batch)))
+        return
+    x, y = _batch(args.batch)
+    results = {"width": args.width, "batch": args.batch, "image": [3, 32, 32]}
+    models = {v: _model(v, args.width) for v in ("float", "bnn")}
+    opts = {v: torch.optim.SGD(m.parameters(), lr=0.01) for v, m in models.items()}
+    for round_ in range(2):  # interleave to share the machine's noise
+        for v in ("float", "bnn"):
+            t = timeit(lambda v=v: _step(models[v], opts[v], x, y), repeat=5)
+            results.setdefault(v, {})[f"round{round_}"] = t
+    for v in ("float", "bnn"):
+        results[v]["median_s"] = min(results[v][f"round{r}"]["median_s"] for r in range(2))
+        out = subprocess.run([sys.executable, "-m", "benchmarks.qat_step", "--memory-only", v,
+                              "--width", str(args.width), "--batch", str(args.batch)],
+                             cwd=ROOT, capture_output=True, text=True, check=True)
+        results[v]["memory"] = json.loads(out.stdout.strip().splitlines()[-1])
+    f, b = results["float"], results["bnn"]
+    results["time_ratio"] = b["median_s"] / f["median_s"]
+    results["saved_bytes_ratio"] = b["memory"]["saved_bytes"] / f["memory"]["saved_bytes"]
+    results["peak_rss_delta_ratio"] = (b["memory"]["peak_rss_delta_kib"]
+                                       / f["memory"]["peak_rss_delta_kib"])
+    print(json.dumps({k: results[k] for k in ("time_ratio", "saved_bytes_ratio",
+                                              "peak_rss_delta_ratio")}, indent=1))
+    print("written to", write("qat_step", results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""fold_weight_quantizers and fold_batch_norm: constants computed once at convert time."""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+from torch import nn
+
+from fxquant.graph.meta import QuantRecord, get_record, set_record
+
+__all__ = ["fold_weight_quantizers", "fold_batch_norm"]
+
+
+def _owner(gm: torch.fx.GraphModule, target: str) -> tuple[nn.Module, str]:
+    owner, _, attr = target.rpartition(".")
+    return gm.get_submodule(owner), attr
+
+
+def fold_weight_quantizers(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Evaluate each weight quantizer on its latent weight once; store the result as a buffer.
+
+    The latent parameter is replaced by a buffer of the same name holding the quantized value, so
+    the layer reads a constant and the quantizer node disappears. If one parameter feeds several
+    quantizers giving different values, the extra results get numbered buffer names.
+    """
+    folded: dict[str, torch.Tensor] = {}
+    for node in list(gm.graph.nodes):
+        record = get_record(node)
+        source = node.args[0] if node.args else None
+        if (record is None or record.role != "weight_quantizer"
+                or not isinstance(source, torch.fx.Node) or source.op != "get_attr"):
+            continue
+        target = str(source.target)
+        quantizer = gm.get_submodule(str(node.target)).eval()
+        with torch.no_grad():
+            latent = folded.get(target)
+            latent = gm.get_parameter(target) if latent is None else latent
+            value = quantizer(latent.detach()).detach().clone()
+        owner, attr = _owner(gm, target)
+        if target in folded:
+            if torch.equal(folded[target], value):
+                node.replace_all_uses_with(source)
+                gm.graph.erase_node(node)
+                continue
+            attr, i = f"{attr}_1", 1
+            while hasattr(owner, attr):
+                i += 1
+                attr = f"{attr.rsplit('_', 1)[0]}_{i}"
+        else:
+            delattr(owner, attr)
+            folded[target] = value
+        owner.register_buffer(attr, value)
+        with gm.graph.inserting_before(node):
+            constant = gm.graph.get_attr(target.rpartition(".")[0] + "." + attr
+                                         if "." in target else attr)
+        set_record(constant, QuantRecord("folded_weight", record.layer, record.op, record.module,
+                                         quantizer=record.quantizer, bits=record.bits))
+        node.replace_all_uses_with(constant)
+        gm.graph.erase_node(node)
+    return gm
+
+
+def _foldable_bn(gm: torch.fx.GraphModule, node: torch.fx.Node) -> nn.Module | None:
+    if node.op != "call_module" or len(node.args) != 1:
+        return None
+    bn = gm.get_submodule(str(node.target))
+    if (not isinstance(bn, nn.modules.batchnorm._BatchNorm) or bn.training
+            or bn.running_mean is None or bn.running_var is None):
+        return None
+    layer = node.args[0]
+    record = get_record(layer) if isinstance(layer, torch.fx.Node) else None
+    if record is None or record.role != "layer" or len(layer.users) != 1:
+        return None
+    return bn
+
+
+def fold_batch_norm(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Fold each eval-mode BatchNorm that directly follows a weighted layer.
+
+    Float layers absorb it into their weight and bias. Layers with quantized weights keep their
+    ±1 / {-1, 0, 1} / k-bit weights untouched and get ``torch.addcmul(shift, y, scale)`` after
+    the layer, the per-channel multiplier and bias that binary inference engines use. Either way
+    the result equals the BN to float rounding (about 1e-6 relative): ``y·s + t`` and
+    ``(y − μ)/sqrt(σ² + ε)·γ + β`` round differently.
+    """
+    for node in list(gm.graph.nodes):
+        bn = _foldable_bn(gm, node)
+        if bn is None:
+            continue
+        layer = node.args[0]
+        with torch.no_grad():
+            scale = torch.rsqrt(bn.running_var + bn.eps)
+            if bn.weight is not None:
+                scale = scale * bn.weight
+            shift = -bn.running_mean * scale
+            if bn.bias is not None:
+                shift = shift + bn.bias
+        if _fold_into_float_layer(gm, layer, scale, shift):
+            node.replace_all_uses_with(layer)
+        else:
+            view = (-1,) + (1,) * (0 if get_record(layer).op == "linear"
+                                   else int(get_record(layer).op[-2]))
+            prefix = str(node.target).replace(".", "_")
+            gm.register_buffer(f"{prefix}_scale", scale.reshape(view).clone())
+            gm.register_buffer(f"{prefix}_shift", shift.reshape(view).clone())
+            with gm.graph.inserting_after(node):
+                s = gm.graph.get_attr(f"{prefix}_scale")
+                t = gm.graph.get_attr(f"{prefix}_shift")
+                fused = gm.graph.call_function(torch.addcmul, (t, layer, s))
+            node.replace_all_uses_with(fused)
+        gm.graph.erase_node(node)
+    return gm
+
+
+def _fold_into_float_layer(gm: torch.fx.GraphModule, layer: torch.fx.Node, scale: torch.Tensor,
+                           shift: torch.Tensor) -> bool:
+    """Scale a float layer's own weight and bias; False if the layer's weight is quantized."""
+    if layer.op != "call_module":
+        return False
+    module = gm.get_submodule(str(layer.target))
+    with torch.no_grad():
+        view = (-1,) + (1,) * (module.weight.dim() - 1)
+        module.weight.mul_(scale.reshape(view))
+        bias = module.bias if module.bias is not None else torch.zeros_like(shift)
+        module.bias = nn.Parameter(bias * scale + shift, requires_grad=module.weight.requires_grad)
+    return True

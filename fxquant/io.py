@@ -1,0 +1,155 @@
+"""save() / load(): recipe + state_dict in a versioned file read with ``weights_only=True``.
+
+A file holds plain data only: the recipe (quantizer names and constructor arguments, rule keys
+as import paths), the tracing options, every quantizer's settings, whether the model was
+converted, and the state_dict (packed codes for converted models). ``load`` rebuilds the prepared
+or converted GraphModule from a fresh instance of the float model class; no pickled code runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+
+from fxquant.graph.meta import SLOTS
+from fxquant.graph.recipe import Recipe
+from fxquant.quantizers.base import Quantizer, get
+
+__all__ = ["save", "load", "FORMAT", "VERSION", "recipe_to_plain", "recipe_from_plain"]
+
+FORMAT = "fxquant"
+VERSION = 1
+CONFIG_ATTR = "_fxquant_config"  # set by prepare(): plain dict of recipe and tracing options
+
+
+def _quantizer_to_plain(value: Any) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return {"name": value, "config": None}
+    quantizer = get(value)  # instances are copied, factories called
+    return {"name": quantizer.name, "config": quantizer.get_config()}
+
+
+def _quantizer_from_plain(plain: dict[str, Any] | None) -> Any:
+    if plain is None:
+        return None
+    if plain["config"] is None:
+        return plain["name"]
+    return get(plain["name"], **plain["config"])
+
+
+def _import_path(obj: Any) -> str:
+    module, name = getattr(obj, "__module__", None), getattr(obj, "__qualname__", None)
+    if not module or not name or _resolve(f"{module}:{name}") is not obj:
+        raise ValueError(f"cannot save a rule keyed by {obj!r}: it is not importable by name")
+    return f"{module}:{name}"
+
+
+def _resolve(path: str) -> Any:
+    module, _, name = path.partition(":")
+    obj: Any = importlib.import_module(module)
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def recipe_to_plain(recipe: Recipe) -> dict[str, Any]:
+    """A Recipe as plain data (raises ValueError naming what cannot be stored)."""
+    rules = []
+    for rule in recipe.rules:
+        key = _import_path(rule.key) if rule.kind == "type" else rule.key
+        rules.append({"kind": rule.kind, "key": key,
+                      "slots": {s: _quantizer_to_plain(v) for s, v in rule.slots}})
+    return {"slots": {s: _quantizer_to_plain(getattr(recipe, s)) for s in SLOTS},
+            "strict": recipe.strict, "keep_first_last": recipe.keep_first_last, "rules": rules}
+
+
+def recipe_from_plain(plain: dict[str, Any]) -> Recipe:
+    recipe = Recipe(**{s: _quantizer_from_plain(plain["slots"][s]) for s in SLOTS},
+                    strict=plain["strict"], keep_first_last=plain["keep_first_last"])
+    add: dict[str, Callable[..., Recipe]] = {"type": Recipe.for_type, "regex": Recipe.for_regex,
+                                             "name": Recipe.for_name}
+    for rule in plain["rules"]:
+        key = _resolve(rule["key"]) if rule["kind"] == "type" else rule["key"]
+        slots = {s: _quantizer_from_plain(v) for s, v in rule["slots"].items()}
+        recipe = add[rule["kind"]](recipe, key, **slots)
+    return recipe
+
+
+def options_to_plain(recipe: Recipe, concrete_args: dict[str, Any] | None,
+                     leaf_modules: list[Any]) -> dict[str, Any]:
+    """What prepare() was called with, as plain data; {"error": why} if it cannot be stored."""
+    try:
+        return {"recipe": recipe_to_plain(recipe), "concrete_args": dict(concrete_args or {}),
+                "leaf_modules": [x if isinstance(x, str) else _import_path(x)
+                                 for x in leaf_modules]}
+    except (ValueError, NotImplementedError) as err:
+        return {"error": str(err)}
+
+
+def save(gm: torch.fx.GraphModule, path: str | os.PathLike[str]) -> None:
+    """Write a prepared or converted model to ``path`` (see the module docstring)."""
+    from fxquant.api import is_converted
+
+    config = getattr(gm, CONFIG_ATTR, None)
+    if config is None:
+        raise ValueError("save expects a model returned by fxquant.prepare or fxquant.convert")
+    if "error" in config:
+        raise ValueError(f"this model's recipe cannot be saved: {config['error']}")
+    converted = is_converted(gm)
+    quantizers = config["quantizers"] if converted else quantizer_configs(gm)
+    torch.save({"format": FORMAT, "version": VERSION, "converted": converted,
+                "options": {k: config[k] for k in ("recipe", "concrete_args", "leaf_modules")},
+                "quantizers": quantizers, "state_dict": gm.state_dict()}, path)
+
+
+def quantizer_configs(gm: nn.Module) -> dict[str, dict[str, Any]]:
+    """Registry name and constructor arguments of every quantizer submodule."""
+    return {name: {"name": m.name, "config": m.get_config()}
+            for name, m in gm.named_modules() if isinstance(m, Quantizer)}
+
+
+def _read(path: str | os.PathLike[str]) -> dict[str, Any]:
+    try:
+        data = torch.load(path, weights_only=True, map_location="cpu")
+    except FileNotFoundError:
+        raise
+    except Exception as err:
+        raise ValueError(f"{os.fspath(path)} is not a readable fxquant file "
+                         f"(corrupt or truncated?): {err}") from err
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise ValueError(f"{os.fspath(path)} is not an fxquant file")
+    if data.get("version") != VERSION:
+        raise ValueError(f"{os.fspath(path)} has fxquant format version {data.get('version')!r}; "
+                         f"this fxquant reads version {VERSION}")
+    return data
+
+
+def load(path: str | os.PathLike[str], model: nn.Module) -> torch.fx.GraphModule:
+    """Rebuild the saved prepared or converted model from ``model``, a fresh float instance."""
+    from fxquant.api import convert, prepare
+
+    data = _read(path)
+    try:
+        options = data["options"]
+        gm = prepare(model, recipe_from_plain(options["recipe"]),
+                     concrete_args=options["concrete_args"] or None,
+                     leaf_modules=[x if ":" not in x else _resolve(x)
+                                   for x in options["leaf_modules"]])
+        for name, plain in data["quantizers"].items():  # settings changed after prepare
+            parent, _, child = name.rpartition(".")
+            setattr(gm.get_submodule(parent), child, get(plain["name"], **plain["config"]))
+        if data["converted"]:
+            gm = convert(gm)
+        gm.load_state_dict(data["state_dict"], strict=True)
+    except (KeyError, TypeError, RuntimeError) as err:
+        raise ValueError(f"{os.fspath(path)} does not match this model: {err}") from err
+    return gm
+

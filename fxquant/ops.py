@@ -1,0 +1,80 @@
+"""Weight packing: low-bit weights stored as packed codes plus a small table of their exact values.
+
+``pack(w, bits)`` turns a quantized weight into ``(codes, table)``; ``unpack(codes, table, shape,
+bits)`` gives back ``w`` exactly (the table holds the very float values, so no arithmetic can round):
+
+* 1 bit: one bit per weight, 8 per byte, and a ``(out_channels, 2)`` table, so per-channel scaled
+  binary weights (XNOR / Bi-Real ``α·sign(W)``) pack as well as plain ±1;
+* 2 bits: four codes per byte and a 4-entry per-tensor table (ternary {-1, 0, 1});
+* 3 to 8 bits: one ``uint8`` code per weight and a ``2**bits``-entry per-tensor table (DoReFa,
+  WAGE). A table is the general form of "integer codes with a scale": it also covers grids with
+  an offset such as DoReFa's ``2·i/n − 1``.
+
+``unpack`` uses only plain tensor ops, so converted graphs export with ``torch.export``.
+
+>>> w = torch.tensor([[1., -1., 1.], [-.5, .5, .5]])
+>>> codes, table = pack(w, 1)
+>>> codes.dtype, codes.numel(), torch.equal(unpack(codes, table, (2, 3), 1), w)
+(torch.uint8, 1, True)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["pack", "unpack", "packable_bits", "CannotPack"]
+
+packable_bits = range(1, 9)
+
+
+class CannotPack(ValueError):
+    """The tensor has more distinct values than its bit width can index."""
+
+
+def _codes_per_byte(bits: int) -> int:
+    return 8 // bits if bits <= 2 else 1
+
+
+def pack(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pack a quantized weight (first dim = output channels) into (codes uint8, value table)."""
+    if bits not in packable_bits:
+        raise ValueError(f"pack: bits must be in 1..8, got {bits}")
+    if not w.is_floating_point() or bool(torch.isnan(w).any()):
+        raise CannotPack("pack: weights must be floating point and free of NaN")
+    if bits == 1:
+        flat = w.reshape(w.shape[0], -1)
+        lo, hi = flat.min(dim=1).values, flat.max(dim=1).values
+        if not bool(((flat == lo[:, None]) | (flat == hi[:, None])).all()):
+            raise CannotPack("pack: a 1-bit weight needs at most two values per output channel")
+        table = torch.stack([lo, hi], dim=1)
+        codes = (flat == hi[:, None]) & (hi != lo)[:, None]
+    else:
+        table = torch.unique(w)
+        if table.numel() > 2**bits:
+            raise CannotPack(f"pack: {table.numel()} distinct values do not fit {bits} bits")
+        codes = torch.searchsorted(table, w.reshape(-1).contiguous())
+        table = torch.cat([table, table[-1:].expand(2**bits - table.numel())])
+    codes = codes.reshape(-1).to(torch.uint8)
+    per_byte = _codes_per_byte(bits)
+    if per_byte > 1:
+        pad = (-codes.numel()) % per_byte
+        codes = torch.cat([codes, codes.new_zeros(pad)]).view(-1, per_byte)
+        shifts = torch.arange(per_byte, dtype=torch.uint8) * bits
+        codes = (codes << shifts).sum(dim=1, dtype=torch.uint8)
+    return codes, table
+
+
+def unpack(codes: torch.Tensor, table: torch.Tensor, shape: tuple[int, ...], bits: int
+           ) -> torch.Tensor:
+    """Inverse of :func:`pack`: the exact weight of ``shape``."""
+    numel = math.prod(shape)
+    per_byte = _codes_per_byte(bits)
+    if per_byte > 1:
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)
+        codes = ((codes.unsqueeze(1) >> shifts) & (2**bits - 1)).reshape(-1)[:numel]
+    if bits == 1:
+        flat = codes.view(shape[0], -1).bool()
+        return torch.where(flat, table[:, 1:2], table[:, 0:1]).view(shape)
+    return table[codes.long()].view(shape)

@@ -1,0 +1,145 @@
+"""convert(): exact lowering, BN folding, packing, no latent weights, export and reload."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+import fxquant
+from fxquant.graph.meta import get_record
+from tests.models import MLP, SmallCNN, resnet18
+
+torch.manual_seed(0)
+
+RECIPES = {
+    "bnn": fxquant.Recipe.bnn,
+    "xnor": fxquant.Recipe.xnor,
+    "bireal": fxquant.Recipe.bireal,
+    "twn": fxquant.Recipe.twn,
+    "dorefa": lambda: fxquant.Recipe.dorefa(3, 2),
+    "wage": fxquant.Recipe.wage,
+    "all_layers_binary": lambda: fxquant.Recipe(weight="ste_sign", input="ste_sign",
+                                                 output="ste_tern"),
+}
+
+
+def _trained(model: nn.Module, recipe: fxquant.Recipe, x: torch.Tensor) -> torch.fx.GraphModule:
+    prepared = fxquant.prepare(model, recipe)
+    opt = torch.optim.SGD(prepared.parameters(), lr=0.05)
+    for _ in range(2):  # a couple of real steps so latent weights and BN stats move
+        opt.zero_grad()
+        prepared(x).square().mean().backward()
+        opt.step()
+    return prepared.eval()
+
+
+class TestExactness:
+    @pytest.mark.parametrize("name", sorted(RECIPES))
+    def test_bit_for_bit_without_batch_norm(self, name):
+        x = torch.randn(16, 64)
+        prepared = _trained(MLP(), RECIPES[name](), x)
+        converted = fxquant.convert(prepared)
+        converted.graph.lint()
+        probe = torch.cat([x, torch.zeros(1, 64), -torch.ones(1, 64)])
+        torch.testing.assert_close(converted(probe), prepared(probe), rtol=0, atol=0)
+
+    @pytest.mark.parametrize("name", ["bnn", "xnor", "twn", "dorefa", "all_layers_binary"])
+    def test_batch_norm_folded_within_1e_5(self, name):
+        x = torch.randn(8, 1, 8, 8)
+        prepared = _trained(SmallCNN(), RECIPES[name](), x)
+        converted = fxquant.convert(prepared)
+        assert not any(isinstance(m, nn.BatchNorm2d) for m in converted.modules())
+        torch.testing.assert_close(converted(x), prepared(x), rtol=1e-5, atol=1e-5)
+
+    def test_resnet18_style_bnn(self):
+        x = torch.randn(2, 3, 16, 16)
+        prepared = _trained(resnet18(width=8), fxquant.Recipe.bnn(), x)
+        converted = fxquant.convert(prepared)
+        torch.testing.assert_close(converted(x), prepared(x), rtol=1e-5, atol=1e-5)
+
+
+class TestLowering:
+    def test_prepared_model_is_not_modified(self):
+        prepared = _trained(SmallCNN(), fxquant.Recipe.bnn(), torch.randn(4, 1, 8, 8))
+        before_state, before_code = copy.deepcopy(prepared.state_dict()), prepared.code
+        fxquant.convert(prepared)
+        assert prepared.code == before_code
+        assert prepared.state_dict().keys() == before_state.keys()
+        assert all(torch.equal(prepared.state_dict()[k], v) for k, v in before_state.items())
+
+    def test_no_latent_weights_no_quantizer_modules_and_plain_sign(self):
+        converted = fxquant.convert(_trained(MLP(), fxquant.Recipe.bnn(), torch.randn(4, 64)))
+        names = dict(converted.named_parameters())
+        assert "fc2.weight" not in names and "fc2.weight" not in converted.state_dict()
+        assert {"fc2.weight_codes", "fc2.weight_table"} <= set(converted.state_dict())
+        assert converted.state_dict()["fc2.weight_codes"].dtype == torch.uint8
+        assert not any(isinstance(m, fxquant.quantizers.Quantizer) for m in converted.modules())
+        assert "torch.where" in converted.code and "quantizer" not in converted.code
+        roles = {get_record(n).role for n in converted.graph.nodes if get_record(n)}
+        assert "packed_weight" in roles
+
+    def test_converting_twice_is_an_error(self):
+        converted = fxquant.convert(fxquant.prepare(MLP(), fxquant.Recipe.bnn()))
+        assert fxquant.is_converted(converted)
+        with pytest.raises(ValueError, match="already converted"):
+            fxquant.convert(converted)
+
+    def test_convert_needs_a_prepared_model(self):
+        with pytest.raises(TypeError, match="fxquant.prepare"):
+            fxquant.convert(torch.fx.symbolic_trace(MLP()))
+
+    def test_error_quantizers_disappear(self):
+        prepared = fxquant.prepare(MLP(), fxquant.Recipe.wage())
+        assert "error_quantizer" in prepared.code
+        assert "error_quantizer" not in fxquant.convert(prepared).code
+
+
+class TestExport:
+    @pytest.fixture(scope="class")
+    def pair(self):
+        x = torch.randn(4, 1, 8, 8)
+        prepared = _trained(SmallCNN(), fxquant.Recipe.xnor(), x)
+        return prepared, fxquant.convert(prepared), x
+
+    def test_torch_export(self, pair):
+        _, converted, x = pair
+        exported = torch.export.export(converted, (x,))
+        torch.testing.assert_close(exported.module()(x), converted(x), rtol=0, atol=0)
+
+    def test_to_folder_writes_importable_code(self, pair, tmp_path):
+        _, converted, x = pair
+        converted.to_folder(tmp_path / "exported_model", "Exported")
+        sys.path.insert(0, str(tmp_path))
+        try:
+            from exported_model import Exported
+        finally:
+            sys.path.remove(str(tmp_path))
+        torch.testing.assert_close(Exported()(x), converted(x), rtol=0, atol=0)
+
+    @pytest.mark.parametrize("which", [0, 1], ids=["prepared", "converted"])
+    def test_torch_save_load_in_a_fresh_process(self, pair, which, tmp_path):
+        model, x = pair[which], pair[2]
+        torch.save(model, tmp_path / "model.pt")
+        torch.save({"x": x, "y": model(x)}, tmp_path / "io.pt")
+        script = textwrap.dedent(f"""
+            import torch
+            model = torch.load({str(tmp_path / 'model.pt')!r}, weights_only=False)
+            io = torch.load({str(tmp_path / 'io.pt')!r})
+            assert torch.equal(model(io["x"]), io["y"]), "outputs differ"
+            print("ok")
+        """)
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+        assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+    def test_prepared_reloaded_model_can_resume_training(self, pair, tmp_path):
+        prepared = pair[0]
+        torch.save(prepared, tmp_path / "p.pt")
+        again = torch.load(tmp_path / "p.pt", weights_only=False).train()
+        again(torch.randn(2, 1, 8, 8)).sum().backward()
+        assert again.conv2.weight.grad is not None

@@ -1,0 +1,159 @@
+"""Recipe slots, refinements, precedence (global < type < first/last < regex < name), presets."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch.nn.functional as F
+from torch import nn
+
+import fxquant
+from fxquant.graph.meta import get_record
+from fxquant.graph.recipe import LayerInfo, Recipe
+from fxquant.quantizers import SteSign, SteTern
+from tests.models import MLP
+
+
+def _resolved(recipe: Recipe, path: str, module_type=nn.Conv2d, function=None, edge=False):
+    specs = recipe.resolve(LayerInfo(path, module_type, function, edge))
+    return {slot: (spec.quantizer if isinstance(spec.quantizer, str)
+                   else type(spec.quantizer).__name__, spec.rule) for slot, spec in specs}
+
+
+class TestPrecedence:
+    recipe = (Recipe(weight="ste_sign", input="ste_sign", keep_first_last=True)
+              .for_name("layer4.conv", weight="ste_tern")
+              .for_regex(r"layer4\..*", weight="dorefa", input=None)
+              .for_type(nn.Conv2d, weight="approx_sign", output="ste_heaviside"))
+
+    @pytest.mark.parametrize("path, module_type, edge, expected", [
+        ("stem", nn.Linear, False,
+         {"weight": ("ste_sign", "global"), "input": ("ste_sign", "global")}),
+        ("layer1.conv", nn.Conv2d, False,
+         {"weight": ("approx_sign", "type:Conv2d"), "input": ("ste_sign", "global"),
+          "output": ("ste_heaviside", "type:Conv2d")}),
+        ("layer4.other", nn.Conv2d, False,
+         {"weight": ("dorefa", r"regex:layer4\..*"),
+          "output": ("ste_heaviside", "type:Conv2d")}),
+        ("layer4.conv", nn.Conv2d, False,
+         {"weight": ("ste_tern", "name:layer4.conv"),
+          "output": ("ste_heaviside", "type:Conv2d")}),
+        ("first", nn.Conv2d, True, {}),  # first/last beats global and type rules
+        ("layer4.conv", nn.Conv2d, True,  # ... but not regex and name rules
+         {"weight": ("ste_tern", "name:layer4.conv")}),
+    ])
+    def test_resolution(self, path, module_type, edge, expected):
+        assert _resolved(self.recipe, path, module_type, edge=edge) == expected
+
+    def test_later_rule_of_the_same_kind_wins(self):
+        r = Recipe().for_name("a", weight="ste_sign").for_name("a", weight="ste_tern")
+        assert _resolved(r, "a") == {"weight": ("ste_tern", "name:a")}
+
+    def test_regex_must_match_the_whole_path(self):
+        r = Recipe().for_regex("conv", weight="ste_sign")
+        assert _resolved(r, "layer.conv") == {}
+        assert _resolved(r, "conv") == {"weight": ("ste_sign", "regex:conv")}
+
+    def test_type_rule_matches_subclasses_and_functions(self):
+        class MyConv(nn.Conv2d):
+            pass
+
+        r = Recipe().for_type(nn.Conv2d, weight="ste_sign").for_type(F.linear, input="ste_sign")
+        assert _resolved(r, "x", MyConv) == {"weight": ("ste_sign", "type:Conv2d")}
+        assert _resolved(r, "y", None, F.linear) == {"input": ("ste_sign", "type:linear")}
+
+    def test_refinements_return_new_recipes(self):
+        base = Recipe(weight="ste_sign")
+        refined = base.for_name("fc", weight=None)
+        assert base.rules == () and len(refined.rules) == 1
+
+
+class TestSlotValues:
+    def test_instance_is_deep_copied_per_layer(self):
+        shared = SteTern(threshold_value=0.3)
+        prepared = fxquant.prepare(MLP(), Recipe(weight=shared))
+        copies = [prepared.fc1_weight_quantizer, prepared.fc2_weight_quantizer]
+        assert all(isinstance(q, SteTern) and q.threshold_value == 0.3 for q in copies)
+        assert copies[0] is not copies[1] and shared not in copies
+
+    def test_factory(self):
+        prepared = fxquant.prepare(MLP(), Recipe(weight=lambda: SteSign(clip_value=2.0)))
+        assert prepared.fc3_weight_quantizer.clip_value == 2.0
+
+    @pytest.mark.parametrize("call", [
+        lambda: Recipe(weight="no_such_quantizer"),
+        lambda: Recipe().for_name("fc", weight="no_such_quantizer"),
+        lambda: Recipe(weight=42),
+        lambda: Recipe().for_type(42, weight="ste_sign"),
+        lambda: Recipe().for_type("conv", weight="ste_sign"),
+        lambda: Recipe().for_type(int, weight="ste_sign"),
+        lambda: Recipe().for_regex("[unclosed", weight="ste_sign"),
+        lambda: Recipe().for_regex(3, weight="ste_sign"),
+        lambda: Recipe().for_name("", weight="ste_sign"),
+        lambda: Recipe().for_name("fc", wieght="ste_sign"),
+        lambda: fxquant.quantizers.get("dorefa", k_bit=0),
+    ])
+    def test_bad_input_raises_value_error(self, call):
+        with pytest.raises(ValueError):
+            call()
+
+    def test_factory_returning_a_non_quantizer_is_an_error_at_prepare(self):
+        with pytest.raises(ValueError, match="not a fxquant Quantizer"):
+            fxquant.prepare(MLP(), Recipe(weight=lambda: nn.Identity()))
+
+
+class TestMatchingNothing:
+    def test_recipe_quantizing_no_layer_warns(self):
+        with pytest.warns(UserWarning, match="quantizes no layer"):
+            fxquant.prepare(nn.Sequential(nn.ReLU()), Recipe(weight="ste_sign"))
+
+    def test_strict_recipe_errors_when_nothing_is_quantized(self):
+        with pytest.raises(ValueError, match="quantizes no layer"):
+            fxquant.prepare(nn.Sequential(nn.ReLU()), Recipe(weight="ste_sign", strict=True))
+
+    def test_strict_rule_matching_nothing_is_an_error(self):
+        recipe = Recipe(weight="ste_sign", strict=True).for_name("fc9", weight=None)
+        with pytest.raises(ValueError, match=r"name:fc9.*fc1, fc2, fc3"):
+            fxquant.prepare(MLP(), recipe)
+
+    def test_float_recipe_does_not_warn(self):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            fxquant.prepare(MLP(), Recipe())
+
+
+class TestPresets:
+    @pytest.mark.parametrize("recipe, weight, input_", [
+        (Recipe.bnn(), "ste_sign", "ste_sign"),
+        (Recipe.xnor(), "magnitude_aware_sign", "ste_sign"),
+        (Recipe.bireal(), "magnitude_aware_sign", "approx_sign"),
+        (Recipe.twn(), "ste_tern", None),
+        (Recipe.dorefa(3, 4), "dorefa", "dorefa"),
+    ])
+    def test_middle_layer_quantized_first_and_last_float(self, recipe, weight, input_):
+        prepared = fxquant.prepare(MLP(), recipe)
+        records = {r.layer: r for n in prepared.graph.nodes
+                   if (r := get_record(n)) is not None and r.role == "layer"}
+        assert records["fc1"].specs == () and records["fc3"].specs == ()
+        assert prepared.fc2_weight_quantizer.name == weight
+        if input_ is None:
+            assert not hasattr(prepared, "fc2_input_quantizer")
+        else:
+            assert prepared.fc2_input_quantizer.name == input_
+
+    def test_dorefa_bits(self):
+        prepared = fxquant.prepare(MLP(), Recipe.dorefa(3, 4))
+        assert prepared.fc2_weight_quantizer.bits == 3
+        assert prepared.fc2_input_quantizer.bits == 4
+
+    def test_twn_uses_ternary_weight_networks_threshold(self):
+        prepared = fxquant.prepare(MLP(), Recipe.twn())
+        assert prepared.fc2_weight_quantizer.ternary_weight_networks is True
+
+    def test_wage_quantizes_every_layer(self):
+        prepared = fxquant.prepare(MLP(), Recipe.wage(bits_W=2, bits_A=8, bits_E=8))
+        for layer in ("fc1", "fc2", "fc3"):
+            assert getattr(prepared, f"{layer}_weight_quantizer").bits == 2
+            assert getattr(prepared, f"{layer}_output_quantizer").bits == 8
+            assert hasattr(prepared, f"{layer}_error_quantizer")

@@ -1,0 +1,83 @@
+"""Tracing failures become TracingError naming the module path, the source line and the fixes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import fxquant
+from fxquant.graph.tracer import QuantTracer, TracingError
+
+
+class DataDependent(nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent branch
+            return x
+        return -x
+
+
+class Iterates(nn.Module):
+    def forward(self, x):
+        return torch.stack([row * 2 for row in x])
+
+
+class CallsLen(nn.Module):
+    def forward(self, x):
+        return x * len(x)
+
+
+class Outer(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+        self.body = nn.Sequential(nn.Identity(), inner)
+
+    def forward(self, x):
+        return self.body(self.fc(x))
+
+
+@pytest.mark.parametrize("inner, line_text", [
+    (DataDependent(), "if x.sum() > 0"),
+    (Iterates(), "for row in x"),
+    (CallsLen(), "len(x)"),
+])
+def test_error_names_module_path_source_line_and_fixes(inner, line_text):
+    with pytest.raises(TracingError) as info:
+        fxquant.prepare(Outer(inner), fxquant.Recipe(weight="ste_sign"))
+    message = str(info.value)
+    assert "'body.1'" in message
+    assert __file__ in message and line_text in message
+    assert "concrete_args" in message and "leaf_modules=['body.1']" in message
+    assert info.value.__cause__ is not None
+
+
+def test_marking_the_failing_module_a_leaf_fixes_tracing():
+    prepared = fxquant.prepare(Outer(DataDependent()), fxquant.Recipe(weight="ste_sign"),
+                               leaf_modules=["body.1"])
+    prepared.graph.lint()
+    assert any(n.op == "call_module" and n.target == "body.1" for n in prepared.graph.nodes)
+
+
+def test_leaf_by_class():
+    prepared = fxquant.prepare(Outer(CallsLen()), fxquant.Recipe(weight="ste_sign"),
+                               leaf_modules=[CallsLen])
+    x = torch.randn(2, 3)
+    assert prepared(x).shape == (2, 3)
+
+
+def test_top_level_failure_is_reported_too():
+    with pytest.raises(TracingError, match="top-level forward"):
+        fxquant.prepare(DataDependent(), fxquant.Recipe(weight="ste_sign"))
+
+
+def test_bad_leaf_modules_argument():
+    with pytest.raises(ValueError, match="leaf_modules"):
+        QuantTracer([42])
+
+
+def test_prepare_rejects_non_module_and_non_recipe():
+    with pytest.raises(TypeError, match="nn.Module"):
+        fxquant.prepare(lambda x: x, fxquant.Recipe())
+    with pytest.raises(TypeError, match="Recipe"):
+        fxquant.prepare(nn.Linear(2, 2), {"weight": "ste_sign"})
