@@ -4,7 +4,7 @@
 """
 
 from fxquant.quantizers.base import Quantizer, check_floating, get, names, register
-from fxquant.quantizers.fixed_point import fixed_point_quantize
+from fxquant.quantizers.fixed_point import fixed_point_quantize, fixed_point_quantize_mask
 from fxquant.quantizers.kbit import (
     AffineKBitQuantize,
     CeilSTE,
@@ -44,7 +44,7 @@ from fxquant.quantizers.ternary import SteTern, ste_tern
 
 __all__ = [
     "Quantizer", "check_floating", "get", "names", "register",
-    "fixed_point_quantize",
+    "fixed_point_quantize", "fixed_point_quantize_mask",
     "ste_sign", "approx_sign", "swish_sign", "magnitude_aware_sign", "ste_heaviside",
     "SteSign", "ApproxSign", "SwishSign", "MagnitudeAwareSign", "SteHeaviside", "ProgressiveSign",
     "get_progressive_sign_scale", "set_progressive_sign_scale",

@@ -19,6 +19,7 @@ traces through and silently drops its custom backward, while a leaf module survi
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
 
@@ -52,6 +53,39 @@ class Quantizer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}"
+
+    def inference(self, x: torch.Tensor) -> torch.Tensor:
+        """The eval-mode forward as plain torch ops (no custom autograd), FX-traceable.
+
+        ``convert`` inlines it in place of the quantizer so exported graphs hold ordinary ops
+        (e.g. ``torch.where(x >= 0, 1.0, -1.0)`` for a sign). It must equal ``self.eval()(x)``
+        bit for bit. Quantizers that do not override it stay module calls after convert.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no plain-op inference form")
+
+    def get_config(self) -> dict[str, Any]:
+        """Constructor arguments (read from same-named attributes) that rebuild this quantizer.
+
+        ``type(q)(**q.get_config())`` is an equivalent quantizer; values are plain Python
+        (numbers, strings, bools, None) so configs can be stored with ``weights_only`` files.
+        Learned state lives in the state_dict, not here.
+        """
+        config = {}
+        for name, param in inspect.signature(type(self).__init__).parameters.items():
+            if name == "self" or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+                continue
+            if not hasattr(self, name):
+                raise NotImplementedError(f"{type(self).__name__} does not store its argument "
+                                          f"{name!r} as an attribute; override get_config")
+            value = getattr(self, name)
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                value = value.item()
+            config[name] = value
+        return config
+
+    def forward_is_identity(self) -> bool:
+        """True if the forward pass returns its input unchanged (backward-only quantizers)."""
+        return False
 
 
 def register(name: str) -> Callable[[Q], Q]:

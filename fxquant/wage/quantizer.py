@@ -1,0 +1,287 @@
+"""WAGE quantizers with gradients, as graph-ready leaf modules (QPyTorch ``WAGEQuantizer``).
+
+Three quantizers place WAGE (Wu et al., ICLR 2018, arXiv:1802.04680) in a model:
+
+* :class:`WAGEQuantizer` (``"wage"``): activations forward (QA), errors backward (QE), with the
+  error zeroed where the forward clamped. It is QPyTorch's / xbtorch's ``WAGEQuantizer``; with
+  ``bits_E=-1`` it is the input quantizer, with ``bits_A=-1`` the error quantizer.
+* :class:`WAGEError` (``"wage_error"``): identity forward, QE backward
+  (``WAGEQuantizer(-1, bits_E)``).
+* :class:`WAGEWeight` (``"wage_weight"``): ``QW`` forward, identity (straight-through) backward.
+
+With ``sigma(b) = 2**-(b - 1)`` and ``R`` the rounding of the chosen mode:
+
+* QA: ``y = clip(R(x / sigma) * sigma, -1 + sigma, 1 - sigma)``; ``m = 1{R(x / sigma) * sigma``
+  outside that range``}`` (kept as a bool mask for backward).
+* QE: ``dx = clip(R(shift(g) / sigma) * sigma, -1 + sigma, 1 - sigma)``, then ``dx[m] = 0``.
+
+>>> import torch
+>>> x = torch.tensor([0.3, 0.999, -2.0], requires_grad=True)
+>>> WAGEQuantizer(2, 8)(x).sum().backward()
+>>> x.grad
+tensor([0.9922, 0.0000, 0.0000])
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from fxquant.quantizers.base import Quantizer, check_floating, register
+from fxquant.quantizers.fixed_point import ROUNDING_MODES, _scaled_round_clamp
+from fxquant.wage.functional import QW, _check_bits, _check_scale, _shift_divisor
+
+__all__ = [
+    "wage_quantize",
+    "wage_weight_quantize",
+    "WAGEQuantizer",
+    "WAGEError",
+    "WAGEWeight",
+]
+
+
+def _check_wage_bits(bits: int, who: str, name: str) -> None:
+    if isinstance(bits, bool) or not isinstance(bits, int) or (bits < 1 and bits != -1):
+        raise ValueError(f"{who}: {name} must be an int >= 1, or -1 to disable, got {bits!r}")
+
+
+def _check_mode(mode: str, who: str, name: str) -> None:
+    if mode not in ROUNDING_MODES:
+        raise ValueError(f"{who}: {name} must be one of {ROUNDING_MODES}, got {mode!r}")
+
+
+def _check_generator(generator: torch.Generator | None, who: str) -> None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"{who}: generator must be a torch.Generator or None, got {generator!r}")
+
+
+class _WAGEQuantize(torch.autograd.Function):
+    """QA forward with the clamp mask, QE backward masked by it (QPyTorch ``quantizer(...,
+    clamping_grad_zero=True, backward_hooks=[shift])`` with two symmetric ``FixedPoint``)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,
+        bits_A: int,
+        bits_E: int,
+        A_mode: str,
+        E_mode: str,
+        generator: torch.Generator | None,
+    ) -> torch.Tensor:
+        mask = None
+        if bits_A == -1:
+            y = x.clone()  # not a view: a later in-place op must not clash with this backward
+        else:
+            want_mask = bits_E != -1 and ctx.needs_input_grad[0]
+            y, mask = _scaled_round_clamp(x, None, bits_A, bits_A - 1, True, True, A_mode,
+                                          generator, want_mask)
+        ctx.bits_E, ctx.E_mode, ctx.generator = bits_E, E_mode, generator
+        ctx.has_mask = mask is not None
+        if mask is not None:
+            ctx.save_for_backward(mask)  # 1 byte per element, the only thing saved
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        bits_E = ctx.bits_E
+        if bits_E == -1:
+            return g, None, None, None, None, None
+        mask = ctx.saved_tensors[0] if ctx.has_mask else None
+        dx, _ = _scaled_round_clamp(g, _shift_divisor(g), bits_E, bits_E - 1, True, True,
+                                    ctx.E_mode, ctx.generator, False, zero_where=mask)
+        return dx, None, None, None, None, None
+
+
+def wage_quantize(
+    x: torch.Tensor,
+    bits_A: int = 8,
+    bits_E: int = 8,
+    A_mode: str = "nearest",
+    E_mode: str = "nearest",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Quantize activations forward (QA) and errors backward (QE), as QPyTorch's ``WAGEQuantizer``.
+
+    Forward (``bits_A != -1``), with ``sigma = 2**-(bits_A - 1)``:
+    ``y = clip(R_A(x / sigma) * sigma, -1 + sigma, 1 - sigma)`` (fixed point ``wl=bits_A,
+    fl=bits_A - 1``, clamped, symmetric). A bool mask records where the **rounded** value was
+    clamped (a value rounding onto a bound is not masked).
+
+    Gradient (``bits_E != -1``), with ``sigma = 2**-(bits_E - 1)``:
+    ``dx = clip(R_E(shift(g) / sigma) * sigma, -1 + sigma, 1 - sigma)``, then ``dx = 0`` where the
+    mask is set, ``shift(g) = g / 2**ceil(log2(max|g|))``.
+
+    ``bits_A = -1``: forward identity (a copy) and no mask. ``bits_E = -1``: the gradient passes
+    unchanged (no shift, no quantization, no mask), exactly as QPyTorch.
+
+    Edge cases (QPyTorch unless noted): ``bits_A=8`` gives the grid 1/128 on [-127/128, 127/128];
+    every ``|x| >= 127.5/128`` is masked (so ``x = 1`` and ``x = 0.99999994`` get gradient 0). An
+    all-ones upstream gradient gives ``127/128 = 0.9921875``. NaN input: NaN output, not masked
+    (its gradient is the quantized upstream gradient). ``±inf`` input: ``±(1 - sigma)``, gradient
+    0. An all-zero upstream gradient gives a zero gradient (**QPyTorch: NaN**, from 0/0 in
+    ``shift``); a NaN anywhere in ``g`` makes the whole gradient NaN (except masked entries, 0).
+    ``R`` is ``"nearest"`` (half to even, every device) or ``"stochastic"`` (``floor(v + U[0, 1))``
+    drawn from ``generator``, shared by both directions).
+    """
+    check_floating(x, "wage_quantize")
+    _check_wage_bits(bits_A, "wage_quantize", "bits_A")
+    _check_wage_bits(bits_E, "wage_quantize", "bits_E")
+    _check_mode(A_mode, "wage_quantize", "A_mode")
+    _check_mode(E_mode, "wage_quantize", "E_mode")
+    if bits_A == -1 and bits_E == -1:
+        return x
+    return _WAGEQuantize.apply(x, bits_A, bits_E, A_mode, E_mode, generator)
+
+
+class _WAGEWeightQuantize(torch.autograd.Function):
+    """QW forward, identity backward (the straight-through estimator)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        w: torch.Tensor,
+        bits: int,
+        scale: float,
+        mode: str,
+        generator: torch.Generator | None,
+    ) -> torch.Tensor:
+        return QW(w, bits, scale, mode, generator)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        return g, None, None, None, None
+
+
+def wage_weight_quantize(
+    w: torch.Tensor,
+    bits: int = 2,
+    scale: float = 1.0,
+    mode: str = "nearest",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """WAGE weight quantization ``QW`` with a straight-through gradient.
+
+    Forward: ``QW(w, bits, scale, mode)`` = ``clip(R(w / sigma) * sigma, -1 + sigma, 1 - sigma)``
+    with ``sigma = 2**-(bits - 1)``, divided by ``scale`` when ``scale > 1.8`` (see
+    :func:`fxquant.wage.QW`). Gradient: ``dw = dy`` (identity, no window, not divided by ``scale``).
+
+    This reproduces the QPyTorch/xbtorch WAGE training step: there, the layer's weight *is* the
+    quantized value, the gradient is taken at it and then applied (through ``QG``) to a latent
+    float accumulator; here the latent accumulator is the parameter and the quantized weight is
+    computed in the graph, so the accumulator receives exactly that gradient. Clip the
+    accumulator with :func:`fxquant.wage.C` and quantize the update with :func:`fxquant.wage.QG`
+    to reproduce the WAGE update rule.
+    """
+    check_floating(w, "wage_weight_quantize")
+    _check_bits(bits, "wage_weight_quantize")
+    _check_scale(scale, "wage_weight_quantize")
+    _check_mode(mode, "wage_weight_quantize", "mode")
+    return _WAGEWeightQuantize.apply(w, bits, scale, mode, generator)
+
+
+@register("wage")
+class WAGEQuantizer(Quantizer):
+    """QPyTorch/xbtorch ``WAGEQuantizer``: QA forward, QE backward masked where QA clamped.
+
+    See :func:`wage_quantize` for the formulas and edge cases. ``bits_A=-1`` or ``bits_E=-1``
+    disables that direction: ``WAGEQuantizer(bits_A, -1)`` is WAGE's input quantizer,
+    ``WAGEQuantizer(-1, bits_E)`` its final error quantizer (also :class:`WAGEError`). Defaults
+    are xbtorch's (8 and 8, nearest; QPyTorch's ``reproduce.sh`` uses ``E_mode="stochastic"``).
+    ``bits`` is ``bits_A``, or 32 when ``bits_A == -1`` (the output is then not on a grid).
+
+    ``generator`` is used for stochastic rounding. A deep copy of the module (e.g. through
+    ``fxquant.quantizers.get(instance)``) copies the generator's state, so copies draw the same
+    noise sequence; give each copy its own generator if that matters.
+    """
+
+    def __init__(
+        self,
+        bits_A: int = 8,
+        bits_E: int = 8,
+        A_mode: str = "nearest",
+        E_mode: str = "nearest",
+        generator: torch.Generator | None = None,
+    ) -> None:
+        _check_wage_bits(bits_A, "WAGEQuantizer", "bits_A")
+        _check_wage_bits(bits_E, "WAGEQuantizer", "bits_E")
+        _check_mode(A_mode, "WAGEQuantizer", "A_mode")
+        _check_mode(E_mode, "WAGEQuantizer", "E_mode")
+        _check_generator(generator, "WAGEQuantizer")
+        super().__init__(bits=bits_A if bits_A != -1 else 32)
+        self.bits_A = bits_A
+        self.bits_E = bits_E
+        self.A_mode = A_mode
+        self.E_mode = E_mode
+        self.generator = generator
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return wage_quantize(x, self.bits_A, self.bits_E, self.A_mode, self.E_mode, self.generator)
+
+    def extra_repr(self) -> str:
+        return (f"bits_A={self.bits_A}, bits_E={self.bits_E}, A_mode={self.A_mode!r}, "
+                f"E_mode={self.E_mode!r}")
+
+
+@register("wage_error")
+class WAGEError(Quantizer):
+    """WAGE error quantizer: identity forward, QE backward (``WAGEQuantizer(-1, bits_E)``).
+
+    Forward: ``y = x`` (a copy). Gradient: ``dx = clip(R(shift(g) / sigma) * sigma, -1 + sigma,
+    1 - sigma)`` with ``sigma = 2**-(bits_E - 1)``; no mask. An all-zero ``g`` gives zeros
+    (QPyTorch: NaN). ``bits`` is 32 (the forward is not quantized). The last quantizer of a WAGE
+    model (QPyTorch VGG7LP, xbtorch).
+    """
+
+    def __init__(
+        self,
+        bits_E: int = 8,
+        mode: str = "nearest",
+        generator: torch.Generator | None = None,
+    ) -> None:
+        _check_bits(bits_E, "WAGEError", "bits_E")
+        _check_mode(mode, "WAGEError", "mode")
+        _check_generator(generator, "WAGEError")
+        super().__init__(bits=32)
+        self.bits_E = bits_E
+        self.mode = mode
+        self.generator = generator
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return wage_quantize(x, -1, self.bits_E, "nearest", self.mode, self.generator)
+
+    def extra_repr(self) -> str:
+        return f"bits_E={self.bits_E}, mode={self.mode!r}"
+
+
+@register("wage_weight")
+class WAGEWeight(Quantizer):
+    """WAGE weight quantizer: ``QW`` forward, straight-through (identity) backward.
+
+    See :func:`wage_weight_quantize`. ``scale`` is a plain attribute, normally set from the scale
+    :func:`fxquant.wage.wage_init_` returns (and stores as ``weight.weight_scale``); ``QW`` divides
+    by it only when ``scale > 1.8``. ``bits`` = ``bits`` (2 in WAGE 2-8-8-8).
+    """
+
+    def __init__(
+        self,
+        bits: int = 2,
+        scale: float = 1.0,
+        mode: str = "nearest",
+        generator: torch.Generator | None = None,
+    ) -> None:
+        _check_bits(bits, "WAGEWeight")
+        _check_scale(scale, "WAGEWeight")
+        _check_mode(mode, "WAGEWeight", "mode")
+        _check_generator(generator, "WAGEWeight")
+        super().__init__(bits=bits)
+        self.scale = scale
+        self.mode = mode
+        self.generator = generator
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return wage_weight_quantize(w, self.bits, self.scale, self.mode, self.generator)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, scale={self.scale}, mode={self.mode!r}"
