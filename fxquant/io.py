@@ -47,7 +47,11 @@ def _quantizer_from_plain(plain: dict[str, Any] | None) -> Any:
 
 def _import_path(obj: Any) -> str:
     module, name = getattr(obj, "__module__", None), getattr(obj, "__qualname__", None)
-    if not module or not name or _resolve(f"{module}:{name}") is not obj:
+    try:
+        found = _resolve(f"{module}:{name}") if module and name else None
+    except (ImportError, AttributeError):
+        found = None
+    if found is not obj:
         raise ValueError(f"cannot save a rule keyed by {obj!r}: it is not importable by name")
     return f"{module}:{name}"
 

@@ -98,7 +98,9 @@ def register(name: str) -> Callable[[Q], Q]:
         if not (isinstance(cls, type) and issubclass(cls, Quantizer)):
             raise TypeError(f"register({name!r}) expects a Quantizer subclass, got {cls!r}")
         known = _REGISTRY.get(name)
-        if known is not None and known is not cls:
+        reimported = known is not None and (known.__module__, known.__qualname__) == (
+            cls.__module__, cls.__qualname__)  # the same class from a module imported twice
+        if known is not None and known is not cls and not reimported:
             raise ValueError(f"quantizer name {name!r} is already registered to {known.__name__}")
         cls.name = name
         _REGISTRY[name] = cls

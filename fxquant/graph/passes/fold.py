@@ -8,7 +8,34 @@ from torch import nn
 
 from fxquant.graph.meta import QuantRecord, get_record, set_record
 
-__all__ = ["fold_weight_quantizers", "fold_batch_norm"]
+__all__ = ["fold_weight_quantizers", "fold_batch_norm", "FoldedLayer"]
+
+_SPATIAL_DIMS = {"linear": 0, "conv1d": 1, "conv2d": 2, "conv3d": 3}
+
+
+class FoldedLayer(nn.Module):
+    """Holds a converted layer's constants (folded weight, bias) once its module is no longer called.
+
+    A ``Conv2d`` whose weight became a packed buffer would mislead readers and break
+    ``GraphModule.to_folder`` (which rebuilds standard modules from their repr).
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        for name, param in module._parameters.items():
+            self.register_parameter(name, param)
+        for name, buffer in module._buffers.items():
+            self.register_buffer(name, buffer, persistent=name not in
+                                 module._non_persistent_buffers_set)
+
+
+def _replace_called_module_types(gm: torch.fx.GraphModule, owners: set[str]) -> None:
+    called = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+    for path in owners - called - {""}:
+        parent, _, child = path.rpartition(".")
+        module = gm.get_submodule(path)
+        if not isinstance(module, FoldedLayer) and not list(module.children()):
+            setattr(gm.get_submodule(parent), child, FoldedLayer(module))
 
 
 def _owner(gm: torch.fx.GraphModule, target: str) -> tuple[nn.Module, str]:
@@ -19,11 +46,12 @@ def _owner(gm: torch.fx.GraphModule, target: str) -> tuple[nn.Module, str]:
 def fold_weight_quantizers(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """Evaluate each weight quantizer on its latent weight once; store the result as a buffer.
 
-    The latent parameter is replaced by a buffer of the same name holding the quantized value, so
-    the layer reads a constant and the quantizer node disappears. If one parameter feeds several
-    quantizers giving different values, the extra results get numbered buffer names.
+    The latent parameter becomes a buffer of the same name holding the quantized value, so the
+    state_dict key stays and the layer reads a constant. If the parameter also feeds something
+    else (tied weights), or two quantizers of it disagree, the value gets its own buffer
+    ``<name>_quantized[_i]`` and the parameter stays.
     """
-    folded: dict[str, torch.Tensor] = {}
+    latents: dict[str, torch.Tensor] = {}
     for node in list(gm.graph.nodes):
         record = get_record(node)
         source = node.args[0] if node.args else None
@@ -31,32 +59,26 @@ def fold_weight_quantizers(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
                 or not isinstance(source, torch.fx.Node) or source.op != "get_attr"):
             continue
         target = str(source.target)
-        quantizer = gm.get_submodule(str(node.target)).eval()
-        with torch.no_grad():
-            latent = folded.get(target)
-            latent = gm.get_parameter(target) if latent is None else latent
-            value = quantizer(latent.detach()).detach().clone()
         owner, attr = _owner(gm, target)
-        if target in folded:
-            if torch.equal(folded[target], value):
-                node.replace_all_uses_with(source)
-                gm.graph.erase_node(node)
-                continue
-            attr, i = f"{attr}_1", 1
-            while hasattr(owner, attr):
-                i += 1
-                attr = f"{attr.rsplit('_', 1)[0]}_{i}"
-        else:
+        latent = latents.setdefault(target, getattr(owner, attr).detach())
+        with torch.no_grad():
+            value = gm.get_submodule(str(node.target)).eval()(latent).clone()
+        if len(source.users) == 1 and isinstance(owner._parameters.get(attr), nn.Parameter):
             delattr(owner, attr)
-            folded[target] = value
-        owner.register_buffer(attr, value)
-        with gm.graph.inserting_before(node):
-            constant = gm.graph.get_attr(target.rpartition(".")[0] + "." + attr
-                                         if "." in target else attr)
-        set_record(constant, QuantRecord("folded_weight", record.layer, record.op, record.module,
-                                         quantizer=record.quantizer, bits=record.bits))
-        node.replace_all_uses_with(constant)
+            owner.register_buffer(attr, value)
+        elif not (attr in owner._buffers and torch.equal(owner._buffers[attr], value)):
+            name, i = f"{attr}_quantized", 0
+            while hasattr(owner, name):
+                i += 1
+                name = f"{attr}_quantized_{i}"
+            owner.register_buffer(name, value)
+            with gm.graph.inserting_before(node):
+                source = gm.graph.get_attr(f"{target.rpartition('.')[0]}.{name}".lstrip("."))
+        set_record(source, QuantRecord("folded_weight", record.layer, record.op, record.module,
+                                       quantizer=record.quantizer, bits=record.bits))
+        node.replace_all_uses_with(source)
         gm.graph.erase_node(node)
+    _replace_called_module_types(gm, {t.rpartition(".")[0] for t in latents})
     return gm
 
 
@@ -78,7 +100,7 @@ def fold_batch_norm(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """Fold each eval-mode BatchNorm that directly follows a weighted layer.
 
     Float layers absorb it into their weight and bias. Layers with quantized weights keep their
-    ±1 / {-1, 0, 1} / k-bit weights untouched and get ``torch.addcmul(shift, y, scale)`` after
+    ±1 / {-1, 0, 1} / k-bit weights untouched and get ``y * scale + shift`` after
     the layer, the per-channel multiplier and bias that binary inference engines use. Either way
     the result equals the BN to float rounding (about 1e-6 relative): ``y·s + t`` and
     ``(y − μ)/sqrt(σ² + ε)·γ + β`` round differently.
@@ -98,15 +120,15 @@ def fold_batch_norm(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         if _fold_into_float_layer(gm, layer, scale, shift):
             node.replace_all_uses_with(layer)
         else:
-            view = (-1,) + (1,) * (0 if get_record(layer).op == "linear"
-                                   else int(get_record(layer).op[-2]))
+            view = (-1,) + (1,) * _SPATIAL_DIMS[get_record(layer).op]
             prefix = str(node.target).replace(".", "_")
             gm.register_buffer(f"{prefix}_scale", scale.reshape(view).clone())
             gm.register_buffer(f"{prefix}_shift", shift.reshape(view).clone())
-            with gm.graph.inserting_after(node):
+            with gm.graph.inserting_before(node):
                 s = gm.graph.get_attr(f"{prefix}_scale")
                 t = gm.graph.get_attr(f"{prefix}_shift")
-                fused = gm.graph.call_function(torch.addcmul, (t, layer, s))
+                fused = gm.graph.call_function(torch.add, (
+                    gm.graph.call_function(torch.mul, (layer, s)), t))
             node.replace_all_uses_with(fused)
         gm.graph.erase_node(node)
     return gm

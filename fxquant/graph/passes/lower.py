@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
+from collections.abc import Callable
 
 import torch
 import torch.fx
@@ -15,30 +17,36 @@ from fxquant.quantizers.base import Quantizer
 __all__ = ["lower_activation_quantizers", "pack_weights", "eliminate_dead_code"]
 
 
-class _Inference(nn.Module):
-    def __init__(self, quantizer: Quantizer) -> None:
+class _Call(nn.Module):
+    """A module whose forward is ``fn(x)`` or ``fn(x, y)``: traced to inline ``fn``'s plain ops."""
+
+    def __init__(self, fn: Callable[..., torch.Tensor]) -> None:
         super().__init__()
-        self.quantizer = quantizer
+        self.fn = fn
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.quantizer.inference(x)
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        return self.fn(x) if y is None else self.fn(x, y)
 
 
-def _inline(gm: torch.fx.GraphModule, node: torch.fx.Node, quantizer: Quantizer) -> None:
-    """Replace ``node`` (a quantizer call) by the traced ops of ``quantizer.inference``."""
-    sub = torch.fx.symbolic_trace(_Inference(quantizer))
-    (placeholder,) = [n for n in sub.graph.nodes if n.op == "placeholder"]
-    env: dict[torch.fx.Node, torch.fx.Node] = {placeholder: node.args[0]}
+def _inline(gm: torch.fx.GraphModule, before: torch.fx.Node, fn: Callable[..., torch.Tensor],
+            inputs: list[torch.fx.Node], prefix: str) -> torch.fx.Node:
+    """Insert the traced ops of ``fn(*inputs)`` before ``before``; return the result node.
+
+    Tensor constants ``fn`` reads (e.g. a quantizer's buffers) become buffers ``<prefix>_<name>``.
+    """
+    sub = torch.fx.symbolic_trace(_Call(fn), {"y": None} if len(inputs) == 1 else None)
+    placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
+    env: dict[torch.fx.Node, torch.fx.Node] = dict(zip(placeholders, inputs))
     for n in sub.graph.nodes:
-        if n.op == "get_attr":  # tensor constants of the quantizer move to the model
-            name = f"{node.target}_{str(n.target).replace('.', '_')}"
-            gm.register_buffer(name, getattr(sub, str(n.target)).detach().clone())
-            with gm.graph.inserting_before(node):
+        if n.op == "get_attr":
+            name = f"{prefix}_{str(n.target).replace('.', '_')}"
+            gm.register_buffer(name, sub.get_parameter(str(n.target)).detach().clone()
+                               if str(n.target) in dict(sub.named_parameters())
+                               else sub.get_buffer(str(n.target)).clone())
+            with gm.graph.inserting_before(before):
                 env[n] = gm.graph.get_attr(name)
-    with gm.graph.inserting_before(node):
-        out = gm.graph.graph_copy(sub.graph, env)
-    node.replace_all_uses_with(out)
-    gm.graph.erase_node(node)
+    with gm.graph.inserting_before(before):
+        return gm.graph.graph_copy(sub.graph, env)
 
 
 def lower_activation_quantizers(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -56,12 +64,18 @@ def lower_activation_quantizers(gm: torch.fx.GraphModule) -> torch.fx.GraphModul
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
         elif type(quantizer).inference is not Quantizer.inference:
-            _inline(gm, node, quantizer.eval())
+            out = _inline(gm, node, quantizer.eval().inference, [node.args[0]], str(node.target))
+            node.replace_all_uses_with(out)
+            gm.graph.erase_node(node)
     return gm
 
 
 def pack_weights(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """Folded weights of 1 to 8 bits become packed codes + value table, unpacked in the graph."""
+    """Folded weights of 1 to 8 bits become packed codes + value table, unpacked in the graph.
+
+    The ops of :func:`fxquant.ops.unpack` are inlined, so the converted graph needs nothing but
+    torch to run, export, pickle or write out with ``to_folder``.
+    """
     for node in list(gm.graph.nodes):
         record = get_record(node)
         if record is None or record.role != "folded_weight" or record.bits not in ops.packable_bits:
@@ -82,12 +96,18 @@ def pack_weights(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         with gm.graph.inserting_before(node):
             c = gm.graph.get_attr(f"{prefix}{attr}_codes")
             t = gm.graph.get_attr(f"{prefix}{attr}_table")
-            unpacked = gm.graph.call_function(ops.unpack, (c, t, tuple(weight.shape), record.bits))
+        unpack = functools.partial(_unpack, shape=tuple(weight.shape), bits=record.bits)
+        unpacked = _inline(gm, node, unpack, [c, t], target.replace(".", "_"))
         unpacked.meta.update(node.meta)
         update_record(unpacked, role="packed_weight")
         node.replace_all_uses_with(unpacked)
         gm.graph.erase_node(node)
     return gm
+
+
+def _unpack(codes: torch.Tensor, table: torch.Tensor, *, shape: tuple[int, ...], bits: int
+            ) -> torch.Tensor:
+    return ops.unpack(codes, table, shape, bits)
 
 
 def eliminate_dead_code(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:

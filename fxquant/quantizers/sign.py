@@ -1,0 +1,558 @@
+"""Binary quantizers: the sign family (larq, Bi-Real Net, BNN+) and bitorch's ProgressiveSign.
+
+Every quantizer here is a ``torch.autograd.Function`` with its forward and surrogate gradient side
+by side, a plain function that applies it, and a thin registered :class:`Quantizer` module.
+
+Conventions shared by the whole family (larq semantics unless a docstring says otherwise):
+
+* ``sign(x)`` is ``-1`` for ``x < 0`` and ``+1`` for ``x >= 0``, so ``+0`` and ``-0`` give ``+1``.
+  A negative subnormal gives ``-1`` (larq gives ``+1`` there only because TensorFlow on CPU flushes
+  subnormals to zero). NaN gives NaN (bitorch gives ``+1``).
+* A window ``abs(x) <= clip_value`` is closed; ``clip_value`` is compared in ``x``'s dtype (as larq
+  casts it), ``None`` switches the window off, and NaN or ``±inf`` inputs fall outside every finite
+  window, so their gradient is ``+0``.
+* Outputs keep the input's floating dtype and device. Integer and bool inputs raise ``TypeError``.
+* ``ste_sign``, ``ste_heaviside`` (and ``ste_tern`` in :mod:`fxquant.quantizers.ternary`) save only
+  a one-byte mask for backward, never a float copy of the input.
+
+>>> import torch
+>>> ste_sign(torch.tensor([-2.0, -0.0, 0.5]))
+tensor([-1.,  1.,  1.])
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import numbers
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from torch.autograd.function import FunctionCtx, once_differentiable
+
+from fxquant.quantizers.base import Quantizer, check_floating, register
+
+__all__ = [
+    "ste_sign", "approx_sign", "swish_sign", "magnitude_aware_sign", "ste_heaviside",
+    "SteSign", "ApproxSign", "SwishSign", "MagnitudeAwareSign", "SteHeaviside", "ProgressiveSign",
+    "default_transform", "get_progressive_sign_scale", "set_progressive_sign_scale",
+]
+
+# Integer dtype of the same width as each float dtype, for the exact one-pass gradient select.
+_SAME_WIDTH_INT = {
+    torch.float16: torch.int16,
+    torch.bfloat16: torch.int16,
+    torch.float32: torch.int32,
+    torch.float64: torch.int64,
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# Shared helpers (also used by fxquant.quantizers.ternary)
+
+
+def _check_real(value: object, who: str, arg: str, *, minimum: float | None = None,
+                allow_inf: bool = False) -> float:
+    """``float(value)`` if it is a real number (not bool, not NaN, >= minimum), else ValueError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{who}: {arg} must be a real number, got {value!r}")
+    number = float(value)
+    if math.isnan(number) or (math.isinf(number) and not allow_inf):
+        raise ValueError(f"{who}: {arg} must be a finite real number, got {value!r}")
+    if minimum is not None and number < minimum:
+        raise ValueError(f"{who}: {arg} must be >= {minimum:g}, got {value!r}")
+    return number
+
+
+def _check_clip(clip_value: float | None, who: str) -> float | None:
+    """Validate ``clip_value``: None (no window) or a non-negative real (``inf`` allowed)."""
+    if clip_value is None:
+        return None
+    return _check_real(clip_value, who, "clip_value (None or a non-negative real)", minimum=0.0,
+                       allow_inf=True)
+
+
+@functools.cache
+def _saturating_factor(dtype: torch.dtype) -> float:
+    """The largest power of two ``B`` of ``dtype``; ``B*B*tiny >= 2`` for its smallest subnormal."""
+    return math.ldexp(1.0, math.frexp(torch.finfo(dtype).max)[1] - 1)
+
+
+def _saturate_into(src: Tensor, out: Tensor, bias: float | Tensor, low: float) -> Tensor:
+    """``out <- clamp(bias + B*B*src, low, 1)`` in two passes over memory (``out`` may be ``src``).
+
+    ``B*B`` pushes every non-zero finite value (subnormals included) to a magnitude of at least 2
+    (or to ``±inf``), so after the clamp it lands on ``low`` or ``1``; ``±0`` becomes ``bias``
+    (``-0 + 0`` is ``+0`` in IEEE arithmetic) and NaN stays NaN. With ``bias=1, low=-1`` this is
+    sign with 0 -> +1; with ``bias=0, low=0`` the Heaviside step; with ``bias=0, low=-1`` sign with
+    0 -> 0. One ``addcmul`` and one in-place clamp replace ``torch.where`` (several times slower
+    on CPU) and need no comparison mask. ``bias`` may be a 0-dim tensor of ``src``'s dtype.
+    """
+    big = _saturating_factor(src.dtype)
+    bias_t = (bias if isinstance(bias, Tensor)
+              else torch.full((), bias, dtype=src.dtype, device=src.device))
+    big_t = torch.full((), big, dtype=src.dtype, device=src.device)
+    torch.addcmul(bias_t, src, big_t, value=big, out=out)
+    return out.clamp_(low, 1.0)
+
+
+def _binary_sign(x: Tensor) -> Tensor:
+    """Fresh tensor: -1 for x < 0, +1 for x >= 0 (also -0 and negative subnormals), NaN -> NaN."""
+    return _saturate_into(x, torch.empty_like(x), 1.0, -1.0)
+
+
+def _window(magnitude: Tensor, clip_value: float | None) -> Tensor | None:
+    """Bool mask ``magnitude <= clip_value`` (False at NaN), or None for no window."""
+    return None if clip_value is None else magnitude.le(clip_value)
+
+
+def _select(window: Tensor, grad: Tensor) -> Tensor:
+    """``grad`` where ``window`` else ``+0``, exactly, as one fresh tensor.
+
+    Works on the bit patterns: the integer view of ``grad`` times the 0/1 mask keeps every bit
+    (NaN and ``±inf`` included) where the window is open and gives all-zero bits (``+0.0``) where it
+    is shut, so ``inf * 0 = NaN`` cannot occur. On CPU this costs about half of
+    ``torch.where(window, grad, 0)``.
+    """
+    as_int = _SAME_WIDTH_INT.get(grad.dtype)
+    if as_int is None:  # an exotic float dtype: fall back to the plain select
+        return torch.where(window, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
+    return window.to(as_int).mul_(grad.view(as_int)).view(grad.dtype)
+
+
+def _track_grad(x: Tensor) -> bool:
+    """Whether autograd will ask for a gradient of ``x`` (else no backward mask is needed)."""
+    return torch.is_grad_enabled() and x.requires_grad
+
+
+# ------------------------------------------------------------------------------------------------
+# ste_sign
+
+
+class _SteSign(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: FunctionCtx, x: Tensor, clip_value: float | None) -> Tensor:
+        out = torch.abs(x)  # |x|, then reused as the output buffer
+        window = _window(out, clip_value)
+        ctx.window = window is not None
+        if window is not None:
+            ctx.save_for_backward(window)
+        return _saturate_into(x, out, 1.0, -1.0)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor, None]:
+        if not ctx.window:
+            return grad, None
+        (window,) = ctx.saved_tensors
+        return _select(window, grad), None
+
+
+def ste_sign(x: Tensor, clip_value: float | None = 1.0) -> Tensor:
+    """Binary sign with a straight-through gradient (larq ``ste_sign``).
+
+    Forward: ``-1`` where ``x < 0``, ``+1`` where ``x >= 0`` (``+0`` and ``-0`` give ``+1``);
+    NaN gives NaN; a negative subnormal gives ``-1``.
+
+    Gradient: ``g * 1{abs(x) <= clip_value}`` (closed window; NaN and ``±inf`` get ``+0``).
+    ``clip_value=None`` passes ``g`` unchanged everywhere, which is bitorch's ``Sign``.
+
+    Only a bool mask is saved for backward. Courbariaux et al. 2016, arXiv:1602.02830.
+    """
+    check_floating(x, "ste_sign")
+    clip = _check_clip(clip_value, "ste_sign")
+    return _SteSign.apply(x, clip if _track_grad(x) else None)
+
+
+@register("ste_sign")
+class SteSign(Quantizer):
+    """Module form of :func:`ste_sign`: {-1, +1} forward, ``g * 1{abs(x) <= clip_value}``."""
+
+    def __init__(self, clip_value: float | None = 1.0) -> None:
+        super().__init__(bits=1)
+        self.clip_value = _check_clip(clip_value, "SteSign")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ste_sign(x, self.clip_value)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, clip_value={self.clip_value}"
+
+
+# ------------------------------------------------------------------------------------------------
+# approx_sign
+
+
+class _ApproxSign(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: FunctionCtx, x: Tensor) -> Tensor:
+        ctx.save_for_backward(x)
+        return _binary_sign(x)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, grad: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        factor = torch.abs(x)
+        window = factor.le(1.0)
+        two = torch.full((), 2.0, dtype=x.dtype, device=x.device)
+        torch.add(two, factor, alpha=-2.0, out=factor)  # 2 - 2|x| (2|x| is exact)
+        factor.mul_(grad)  # (2 - 2|x|) * g, rounded as larq and bitorch do
+        return _select(window, factor)
+
+
+def approx_sign(x: Tensor) -> Tensor:
+    """Binary sign with Bi-Real Net's piecewise-polynomial gradient (larq ``approx_sign``).
+
+    Forward: as :func:`ste_sign` (``±0`` -> ``+1``, NaN -> NaN).
+
+    Gradient: ``(2 - 2*abs(x)) * g`` where ``abs(x) <= 1``, ``+0`` elsewhere (selected, never
+    ``-0`` or NaN outside the window; NaN and ``±inf`` inputs get ``+0``). At ``abs(x) = 1`` the
+    factor is 0, so the window edge is continuous. This is the derivative of
+    ``F(x) = 2x - x*abs(x)`` on ``[-1, 1]``.
+
+    The input is saved for backward (the gradient depends on it). Liu et al. 2018 (Bi-Real Net),
+    arXiv:1808.00278; bitorch ``ApproxSign``.
+    """
+    check_floating(x, "approx_sign")
+    return _ApproxSign.apply(x)
+
+
+@register("approx_sign")
+class ApproxSign(Quantizer):
+    """Module form of :func:`approx_sign`: {-1, +1} forward, ``(2 - 2 abs(x)) g`` gradient."""
+
+    def __init__(self) -> None:
+        super().__init__(bits=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return approx_sign(x)
+
+
+# ------------------------------------------------------------------------------------------------
+# swish_sign
+
+
+class _SwishSign(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: FunctionCtx, x: Tensor, beta: float) -> Tensor:
+        ctx.save_for_backward(x)
+        ctx.beta = beta
+        return _binary_sign(x)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor, None]:
+        (x,) = ctx.saved_tensors
+        beta = ctx.beta
+        # The factor is even in u = beta*|x|. With s = sigmoid(-u): tanh(u/2) = 1 - 2s and
+        # 1 / (1 + cosh(u)) = 2 s (1 - s), so factor = 2 beta s (1 - s) (2 - u (1 - 2s)). One
+        # sigmoid replaces tanh and cosh (about 8x cheaper on CPU); s <= 1/2 keeps 1 - s and
+        # 1 - 2s free of cancellation, so the tail (s tiny) stays accurate.
+        factor = torch.abs(x).mul_(-beta)  # -u
+        s = torch.sigmoid(factor)
+        torch.addcmul(factor, factor, s, value=-2.0, out=factor).add_(2.0)  # 2 - u (1 - 2s)
+        torch.addcmul(s, s, s, value=-1.0, out=s)  # s (1 - s)
+        zero = torch.zeros((), dtype=x.dtype, device=x.device)
+        torch.addcmul(zero, factor, s, value=2.0 * beta, out=factor)
+        # NaN only where the formula is undefined (x NaN/±inf, beta*x = ±inf): use its limit, 0.
+        factor.nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
+        return factor.mul_(grad), None
+
+
+def swish_sign(x: Tensor, beta: float = 5.0) -> Tensor:
+    """Binary sign with the BNN+ swish surrogate gradient (larq ``swish_sign``).
+
+    Forward: as :func:`ste_sign` (``±0`` -> ``+1``, NaN -> NaN).
+
+    Gradient: ``g * beta * (2 - beta*x*tanh(beta*x/2)) / (1 + cosh(beta*x))``, the derivative of
+    ``2*sigmoid(beta*x)*(1 + beta*x*(1 - sigmoid(beta*x))) - 1``; it equals ``beta * g`` at 0 and
+    turns negative for ``abs(beta*x) > 2.4`` (no window). Where the formula is undefined (x NaN or
+    ``±inf``, or ``beta*x`` overflowing: ``inf/inf``) the factor is taken as 0, its limit, so the
+    gradient is ``0 * g`` (0 for finite ``g``); larq and bitorch return NaN there. Far in the tail
+    the factor underflows to ``±0``, as in both libraries where ``cosh`` overflows. ``beta = 0``
+    gives a zero gradient. Computed as ``2*beta*s*(1 - s)*(2 - u*(1 - 2*s))`` with
+    ``u = beta*abs(x)``, ``s = sigmoid(-u)`` (the same function, one sigmoid instead of tanh and
+    cosh); it matches larq and bitorch to about 1e-6 absolute, as they match each other.
+
+    The input is saved for backward. Darabi et al. 2018 (BNN+), arXiv:1812.11800.
+    """
+    check_floating(x, "swish_sign")
+    b = _check_real(beta, "swish_sign", "beta", minimum=0.0)
+    return _SwishSign.apply(x, b)
+
+
+@register("swish_sign")
+class SwishSign(Quantizer):
+    """Module form of :func:`swish_sign`: {-1, +1} forward, BNN+ swish-derivative gradient."""
+
+    def __init__(self, beta: float = 5.0) -> None:
+        super().__init__(bits=1)
+        self.beta = _check_real(beta, "SwishSign", "beta", minimum=0.0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return swish_sign(x, self.beta)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, beta={self.beta}"
+
+
+# ------------------------------------------------------------------------------------------------
+# magnitude_aware_sign
+
+
+class _MagnitudeAwareSign(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: FunctionCtx, x: Tensor, clip_value: float | None) -> Tensor:
+        magnitude = torch.abs(x)
+        window = _window(magnitude, clip_value)
+        if x.dim() >= 2:  # one scale per output channel (dim 0 in torch layout)
+            scale = magnitude.mean(dim=tuple(range(1, x.dim())), keepdim=True)
+            out = _saturate_into(x, magnitude, 1.0, -1.0)
+        else:  # nothing to reduce over: the scale is abs(x) itself, as in larq
+            scale = magnitude
+            out = _binary_sign(x)
+        ctx.window = window is not None
+        ctx.save_for_backward(scale, *([] if window is None else [window]))
+        return out.mul_(scale)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor, None]:
+        scale, *window = ctx.saved_tensors
+        scaled = grad * scale
+        # Select after scaling: an infinite alpha must not turn a shut window's +0 into NaN.
+        return (_select(window[0], scaled) if ctx.window else scaled), None
+
+
+def magnitude_aware_sign(x: Tensor, clip_value: float | None = 1.0) -> Tensor:
+    """Sign times the mean magnitude per output channel (Bi-Real; larq ``MagnitudeAwareSign``).
+
+    ``alpha = mean(abs(x))`` over every dim except dim 0, i.e. one value per output channel of a
+    torch weight ``(out, in, kh, kw)`` or ``(out, in)``, equal to ``x.abs().mean(dim=(1, 2, 3))``.
+    (larq reduces over every axis but the *last*, which is the same thing for Keras kernels
+    ``(..., in, out)``.) For a rank-0 or rank-1 input there is nothing to reduce over and
+    ``alpha = abs(x)`` elementwise, as larq degenerates. ``alpha`` is not differentiated.
+
+    Forward: ``alpha * sign(x)`` with ``sign(±0) = +1``, so 0 maps to ``+alpha``; a NaN anywhere
+    in a channel makes that channel's ``alpha``, and so its whole output, NaN.
+
+    Gradient: ``alpha * g * 1{abs(x) <= clip_value}`` (``clip_value=None``: ``alpha * g``).
+
+    Saves the bool mask and ``alpha`` (one value per channel) for backward. Liu et al. 2018
+    (Bi-Real Net) §3.3, arXiv:1808.00278.
+    """
+    check_floating(x, "magnitude_aware_sign")
+    clip = _check_clip(clip_value, "magnitude_aware_sign")
+    return _MagnitudeAwareSign.apply(x, clip if _track_grad(x) else None)
+
+
+@register("magnitude_aware_sign")
+class MagnitudeAwareSign(Quantizer):
+    """Module form of :func:`magnitude_aware_sign`: ``mean(abs(x))`` per channel times sign."""
+
+    def __init__(self, clip_value: float | None = 1.0) -> None:
+        super().__init__(bits=1)
+        self.clip_value = _check_clip(clip_value, "MagnitudeAwareSign")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return magnitude_aware_sign(x, self.clip_value)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, clip_value={self.clip_value}"
+
+
+# ------------------------------------------------------------------------------------------------
+# ste_heaviside
+
+
+class _SteHeaviside(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: FunctionCtx, x: Tensor, clip_value: float | None) -> Tensor:
+        out = torch.abs(x)
+        window = _window(out, clip_value)
+        ctx.window = window is not None
+        if window is not None:
+            ctx.save_for_backward(window)
+        return _saturate_into(x, out, 0.0, 0.0)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor, None]:
+        if not ctx.window:
+            return grad, None
+        (window,) = ctx.saved_tensors
+        return _select(window, grad), None
+
+
+def ste_heaviside(x: Tensor, clip_value: float | None = 1.0) -> Tensor:
+    """Heaviside step {0, 1} with a straight-through gradient (larq ``ste_heaviside``).
+
+    Forward: ``1`` where ``x > 0``, ``+0`` where ``x <= 0`` (``+0`` and ``-0`` give ``+0``);
+    NaN gives NaN.
+
+    Gradient: ``g * 1{abs(x) <= clip_value}``, a window symmetric around 0 although the step is
+    one-sided; ``clip_value=None`` passes ``g`` unchanged. Only a bool mask is saved.
+
+    bitorch's ``SteHeaviside`` differs: it returns {-1, +1} (a sign with 0 -> -1) in float32.
+    """
+    check_floating(x, "ste_heaviside")
+    clip = _check_clip(clip_value, "ste_heaviside")
+    return _SteHeaviside.apply(x, clip if _track_grad(x) else None)
+
+
+@register("ste_heaviside")
+class SteHeaviside(Quantizer):
+    """Module form of :func:`ste_heaviside`: {0, 1} forward, ``g * 1{abs(x) <= clip_value}``."""
+
+    def __init__(self, clip_value: float | None = 1.0) -> None:
+        super().__init__(bits=1)
+        self.clip_value = _check_clip(clip_value, "SteHeaviside")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ste_heaviside(x, self.clip_value)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, clip_value={self.clip_value}"
+
+
+# ------------------------------------------------------------------------------------------------
+# ProgressiveSign (bitorch)
+
+_PROGRESSIVE_EPSILON = 1e-7  # bitorch's floor on the divisor 1 - T
+_progressive_sign_scale = 0.0  # the process-wide scale read by ProgressiveSign(use_global_scaling)
+
+
+def set_progressive_sign_scale(value: float) -> None:
+    """Set the process-wide scale used by every ``ProgressiveSign(use_global_scaling=True)``.
+
+    It replaces bitorch's ``progressive_sign_config.progressive_sign_scale`` (default 0.0) and is
+    read at every forward, so a training loop can anneal all global instances at once, e.g.
+    ``set_progressive_sign_scale(epoch / max_epochs)``. ``value`` must be a finite real number.
+    """
+    global _progressive_sign_scale
+    _progressive_sign_scale = _check_real(value, "set_progressive_sign_scale", "value")
+
+
+def get_progressive_sign_scale() -> float:
+    """The process-wide ProgressiveSign scale (0.0 until :func:`set_progressive_sign_scale`)."""
+    return _progressive_sign_scale
+
+
+def default_transform(scale: float, alpha: float = 4.0, beta: float = 10.0) -> float:
+    """bitorch's temperature ``T = 1 - alpha ** (-beta * scale)``, in Python floats.
+
+    ``T`` is 0 at scale 0 and approaches 1 as the scale grows (``alpha > 1``, ``beta > 0``). When
+    the power is infinite (``alpha = 0`` with a negative exponent, or overflow) ``T = -inf``.
+    """
+    exponent = -beta * scale
+    if alpha == 0.0 and exponent < 0.0:
+        return -math.inf
+    try:
+        return 1.0 - alpha**exponent
+    except OverflowError:
+        return -math.inf
+
+
+class _ProgressiveSign(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: FunctionCtx, x: Tensor, divisor: float) -> Tensor:
+        return torch.div(x, divisor).clamp_(-1.0, 1.0)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor, None]:
+        return grad, None
+
+
+@register("progressive_sign")
+class ProgressiveSign(Quantizer):
+    """bitorch's ``ProgressiveSign``: a hardtanh that sharpens into sign as the scale grows.
+
+    Training mode: ``hardtanh(x / max(1 - T, 1e-7))`` with temperature ``T = transform(scale)``,
+    by default ``1 - alpha ** (-beta * scale)``, i.e. ``clamp(x * alpha**(beta*scale), -1, 1)``:
+    ``clamp(x, -1, 1)`` at scale 0, slope 1024 at scale 0.5 (defaults). The output is not binary:
+    ``0 -> 0``, ``-0 -> -0``. Eval mode: :func:`ste_sign` without a window (``0 -> +1``).
+    Gradient: identity in both modes (neither the slope nor the saturation is applied). Nothing
+    is saved for backward. NaN gives NaN (bitorch's eval sign gives +1).
+
+    The scale is the process-wide value (:func:`set_progressive_sign_scale`) when
+    ``use_global_scaling`` is True, else the plain attribute ``scale`` (initialised from
+    ``initial_scale``, default 0.0), which a scheduler may assign; it is not part of the
+    ``state_dict``. Passing ``initial_scale`` with global scaling is a ValueError (bitorch raises
+    ``RuntimeWarning``). ``custom_transform(scale) -> T`` replaces the default transform (``alpha``
+    and ``beta`` are then unused).
+
+    Unlike bitorch's ``x or default``, an explicit 0 for ``initial_scale``, ``alpha`` or ``beta``
+    means 0; only None selects the default (scale 0.0, ``alpha`` 4, ``beta`` 10).
+    ``alpha`` and ``beta`` must be finite and non-negative.
+
+    ``x / divisor`` divides by a Python float exactly as bitorch does, so results are
+    bit-identical to bitorch on the same device (on CUDA torch multiplies by the reciprocal, which
+    can differ from the CPU result by one ulp).
+    """
+
+    def __init__(self, use_global_scaling: bool = True, initial_scale: float | None = None,
+                 custom_transform: Callable[[float], float] | None = None,
+                 alpha: float | None = None, beta: float | None = None) -> None:
+        super().__init__(bits=1)
+        if not isinstance(use_global_scaling, bool):
+            raise ValueError("ProgressiveSign: use_global_scaling must be a bool, "
+                             f"got {use_global_scaling!r}")
+        if use_global_scaling and initial_scale is not None:
+            raise ValueError("ProgressiveSign: initial_scale cannot be combined with "
+                             "use_global_scaling=True; pass use_global_scaling=False or set the "
+                             "global scale with set_progressive_sign_scale()")
+        if custom_transform is not None and not callable(custom_transform):
+            raise ValueError("ProgressiveSign: custom_transform must be a callable scale -> T, got "
+                             f"{custom_transform!r}")
+        self.use_global_scaling = use_global_scaling
+        self.initial_scale = (None if initial_scale is None
+                              else _check_real(initial_scale, "ProgressiveSign", "initial_scale"))
+        self.custom_transform = custom_transform
+        self.alpha = 4.0 if alpha is None else _check_real(alpha, "ProgressiveSign", "alpha",
+                                                           minimum=0.0)
+        self.beta = 10.0 if beta is None else _check_real(beta, "ProgressiveSign", "beta",
+                                                          minimum=0.0)
+        self.scale = 0.0 if self.initial_scale is None else self.initial_scale
+
+    @property
+    def bit_width(self) -> int:
+        """bitorch's name for :attr:`bits` (always 1)."""
+        return self.bits
+
+    @property
+    def current_scale(self) -> float:
+        """The global scale under ``use_global_scaling``, else this instance's ``scale``."""
+        if self.use_global_scaling:
+            return get_progressive_sign_scale()
+        return _check_real(self.scale, "ProgressiveSign", "scale")
+
+    def transform(self, scale: float) -> float:
+        """The temperature ``T`` for ``scale``: ``custom_transform(scale)`` or the default."""
+        if self.custom_transform is not None:
+            temperature = float(self.custom_transform(scale))
+        else:
+            temperature = default_transform(scale, self.alpha, self.beta)
+        if math.isnan(temperature):
+            raise ValueError(f"ProgressiveSign: the transform gave T = NaN for scale {scale!r}")
+        return temperature
+
+    def quantize(self, x: Tensor) -> Tensor:
+        """Training: ``hardtanh(x / max(1 - T, 1e-7))``; eval: sign (0 -> +1); identity gradient."""
+        check_floating(x, "ProgressiveSign")
+        if not self.training:
+            return ste_sign(x, clip_value=None)
+        divisor = max(1.0 - self.transform(self.current_scale), _PROGRESSIVE_EPSILON)
+        return _ProgressiveSign.apply(x, divisor)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.quantize(x)
+
+    def extra_repr(self) -> str:
+        transform = self.custom_transform
+        transform_name = None if transform is None else getattr(transform, "__name__", transform)
+        return (f"{super().extra_repr()}, use_global_scaling={self.use_global_scaling}, "
+                f"initial_scale={self.initial_scale}, alpha={self.alpha}, beta={self.beta}, "
+                f"custom_transform={transform_name}")
