@@ -12,6 +12,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from fxquant import io
+from fxquant.graph.clone import clone_module
 from fxquant.graph.meta import get_record
 from fxquant.graph.pipeline import LOWER, PREPARE, run
 from fxquant.graph.recipe import Recipe
@@ -44,7 +45,7 @@ def prepare(model: nn.Module, recipe: Recipe, *, example_inputs: Sequence[Any] |
         raise TypeError(f"prepare expects an nn.Module, got {type(model).__name__}")
     if not isinstance(recipe, Recipe):
         raise TypeError(f"prepare expects a fxquant.Recipe, got {type(recipe).__name__}")
-    model = copy.deepcopy(_unwrap(model))
+    model = clone_module(_unwrap(model))
     leaf_modules = list(leaf_modules)
     gm = run(trace(model, concrete_args, leaf_modules), PREPARE, recipe)
     setattr(gm, io.CONFIG_ATTR, io.options_to_plain(recipe, concrete_args, leaf_modules))
@@ -54,13 +55,12 @@ def prepare(model: nn.Module, recipe: Recipe, *, example_inputs: Sequence[Any] |
 
 
 def _record_shapes(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> None:
-    """Shape-propagate on a throwaway copy so BN statistics and RNG-free state stay untouched."""
-    probe = copy.deepcopy(gm)
-    with torch.no_grad():
-        ShapeProp(probe).propagate(*example_inputs)
-    for node, probed in zip(gm.graph.nodes, probe.graph.nodes):
-        if "tensor_meta" in probed.meta:
-            node.meta["tensor_meta"] = probed.meta["tensor_meta"]
+    """Shape-propagate once; buffers (BN statistics) and the CPU RNG state are restored after."""
+    buffers = {name: b.clone() for name, b in gm.named_buffers()}
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        ShapeProp(gm).propagate(*example_inputs)
+        for name, b in gm.named_buffers():
+            b.copy_(buffers[name])
 
 
 def convert(prepared: torch.fx.GraphModule) -> torch.fx.GraphModule:

@@ -136,6 +136,29 @@ def _nearest_symmetric_with_mask(
     return a, mask
 
 
+def _symmetric_nearest_plain(x: torch.Tensor, wl: int, fl: int) -> torch.Tensor:
+    """``fixed_point_quantize(x, wl, fl, clamp=True, symmetric=True, rounding="nearest")`` in plain,
+    out-of-place torch ops (FX-traceable: only ``wl`` and ``fl`` are Python constants).
+
+    ``clamp(round(x * 2**fl), -hi, hi) * 2**-fl`` with ``hi = 2**(wl-1) - 1``: the pattern
+    ``mul, round, clamp, mul`` in ``x``'s dtype. Equal to the in-place kernel bit for bit (values;
+    a zero's sign may differ for ``wl = 1``) on every floating dtype, including float16/bfloat16,
+    which the kernel computes in float32: for ``wl <= 16`` and ``0 <= fl <= 15`` the scalings by
+    ``2**±fl`` are exact in float16 (or overflow to ``inf``, which the clamp sends to the bound
+    as float32 would), and clamping to a bound rounded to the dtype equals rounding the clamped
+    value (monotone rounding). Outside that range (``hi`` above float16's maximum, or
+    subnormal results) it computes in ``promote_types(x.dtype, float32)`` and casts back, like
+    the kernel; those graphs carry the two ``to`` casts.
+    """
+    scale, hi = 2.0**fl, 2.0 ** (wl - 1) - 1.0
+    lo = -(2.0 ** (wl - 1)) + 1.0  # +0.0 for wl = 1, as the kernel
+    if wl <= 16 and 0 <= fl <= 15:
+        return torch.clamp(torch.round(x * scale), lo, hi) * 2.0**-fl
+    work = x.to(torch.promote_types(x.dtype, torch.float32))
+    y = torch.clamp(torch.round(work * scale), lo, hi) * 2.0**-fl
+    return y.to(x.dtype)
+
+
 def fixed_point_quantize(
     x: torch.Tensor,
     wl: int,

@@ -20,6 +20,24 @@ Conventions shared by the whole file:
 * Windowed gradients use closed windows and are 0 at NaN inputs; they are built with
   ``torch.where`` from a saved bool mask, so an infinite upstream gradient outside the window
   gives 0, not NaN.
+
+Inference forms (``Quantizer.inference``, inlined by ``convert``): every module here writes its
+eval forward again with plain, out-of-place torch ops, **op for op the same kernels** as the
+autograd forward (which runs some of them in place to save temporaries; in-place and
+out-of-place calls of one elementwise kernel give the same bits), so the two agree bit for bit on
+every input, NaN, ±inf, -0.0 and subnormals included. The formula is not shared through one helper
+because the forward's in-place chain would become out-of-place (slower) or the traced graph would
+hold in-place methods; the tests compare the two on edge and random inputs in every float dtype.
+Constants are built with ``x.new_full((), value)`` as in the forward (a 0-dim tensor of x's dtype
+on x's device, so CUDA divides truly). Two limits, both documented per class:
+
+* The argument checks that depend on x's dtype are not repeated (x is an FX Proxy when traced):
+  where the forward raises ValueError because ``2**k - 1`` overflows the dtype (k >= 16 for
+  float16) or a step vanishes in it (``step=1e-8`` in float16), the inference form returns NaN.
+* :class:`ClampByLinear` and ``DoReFa(mode="weights")`` reduce the whole tensor with
+  ``torch.aminmax``, which has no identity: on an **empty** tensor the inference form raises
+  RuntimeError where the forward returns an empty tensor. Padding the reduction to avoid this
+  would copy the whole input on every call.
 """
 
 from __future__ import annotations
@@ -76,6 +94,11 @@ def _check_real(value: object, who: str, arg: str) -> float:
 def _check_mode(mode: object, who: str) -> None:
     if mode not in _DOREFA_MODES:
         raise ValueError(f"{who}: mode must be 'activations' or 'weights', got {mode!r}")
+
+
+def _grid_levels(x: torch.Tensor, k: int) -> torch.Tensor:
+    """``2**k - 1`` as a 0-dim tensor of x's dtype and device, unchecked (FX-traceable)."""
+    return x.new_full((), float((1 << k) - 1))
 
 
 def _levels(k: int, x: torch.Tensor, who: str) -> torch.Tensor:
@@ -451,6 +474,10 @@ class RoundSTE(Quantizer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return round_ste(x)
 
+    def inference(self, x: torch.Tensor) -> torch.Tensor:
+        """``torch.round(x)``: the eval forward as one plain op (bit-identical)."""
+        return torch.round(x)
+
 
 @register("ceil_ste")
 class CeilSTE(Quantizer):
@@ -462,6 +489,10 @@ class CeilSTE(Quantizer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ceil_ste(x)
 
+    def inference(self, x: torch.Tensor) -> torch.Tensor:
+        """``torch.ceil(x)``: the eval forward as one plain op (bit-identical)."""
+        return torch.ceil(x)
+
 
 @register("floor_ste")
 class FloorSTE(Quantizer):
@@ -472,6 +503,10 @@ class FloorSTE(Quantizer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return floor_ste(x)
+
+    def inference(self, x: torch.Tensor) -> torch.Tensor:
+        """``torch.floor(x)``: the eval forward as one plain op (bit-identical)."""
+        return torch.floor(x)
 
 
 @register("clamp_ste")
@@ -489,6 +524,10 @@ class ClampSTE(Quantizer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return clamp_ste(x, self.min_value, self.max_value)
+
+    def inference(self, x: torch.Tensor) -> torch.Tensor:
+        """``torch.clamp(x, min_value, max_value)`` (bit-identical to the eval forward)."""
+        return torch.clamp(x, self.min_value, self.max_value)
 
     def extra_repr(self) -> str:
         return f"min_value={self.min_value}, max_value={self.max_value}"
@@ -508,6 +547,15 @@ class StepQuantize(Quantizer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return step_quantize(x, self.step)
 
+    def inference(self, x: torch.Tensor) -> torch.Tensor:
+        """``round(x / s) * s`` with ``s = x.new_full((), step)``: bit-identical to eval.
+
+        The check that ``step`` stays > 0 in x's dtype is not repeated: where the forward raises
+        ValueError (e.g. ``step=1e-8`` with float16 input, s = 0) this returns NaN.
+        """
+        step = x.new_full((), self.step)
+        return torch.mul(torch.round(torch.div(x, step)), step)
+
     def extra_repr(self) -> str:
         return f"step={self.step}"
 
@@ -524,6 +572,15 @@ class KBitQuantize(Quantizer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return k_bit_quantize(x, self.k)
 
+    def inference(self, x: torch.Tensor) -> torch.Tensor:
+        """``round(x * n) / n`` with ``n = x.new_full((), 2**k - 1)``: bit-identical to eval.
+
+        The overflow check of ``2**k - 1`` in x's dtype is not repeated: where the forward raises
+        ValueError (k >= 16 with float16 input, n = inf) this returns NaN.
+        """
+        n = _grid_levels(x, self.k)
+        return torch.div(torch.round(torch.mul(x, n)), n)
+
     def extra_repr(self) -> str:
         return f"k={self.k}"
 
@@ -535,6 +592,10 @@ class AffineKBitQuantize(Quantizer):
     ``w`` and ``b`` are 0-dim float tensors of the default dtype (float32): ``nn.Parameter`` when
     ``learnable`` (trained by ordinary autograd), else non-persistent buffers (fixed settings,
     rebuilt from the constructor; they still follow ``.to(device)``). Both must be finite numbers.
+
+    ``get_config()`` gives ``k``, ``learnable`` and the **current** ``w`` and ``b`` as Python
+    floats (learned values included, so a rebuilt fixed module holds them too); the rebuilt
+    tensors are of the default dtype again, whatever dtype the module was moved to.
     """
 
     w: torch.Tensor
@@ -558,6 +619,23 @@ class AffineKBitQuantize(Quantizer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return affine_k_bit_quantize(x, self.k, self.w, self.b)
 
+    def inference(self, x: torch.Tensor) -> torch.Tensor:
+        """``q * w + b`` with ``q = round(x * n) / n``: bit-identical to the eval forward.
+
+        ``w`` and ``b`` are read as the module's 0-dim tensors (not Python numbers), so the traced
+        graph holds two ``get_attr`` nodes besides call_function/call_method ones (``convert``
+        copies them into the model as buffers). Reading them as tensors keeps the forward's type
+        promotion: float16 input with the float32 ``w``, ``b`` stays float16 (and a 0-dim input
+        gives float32, as the forward's composite does). They are read detached: the output
+        needs no gradient, and a tracer whose root does not hold this module (e.g. one tracing
+        the bound method ``q.inference``) takes them as tensor constants instead of refusing a
+        foreign ``nn.Parameter``. As in :class:`KBitQuantize`, the overflow check of
+        ``2**k - 1`` in x's dtype is not repeated (NaN where the forward would raise).
+        """
+        n = _grid_levels(x, self.k)
+        q = torch.div(torch.round(torch.mul(x, n)), n)
+        return torch.add(torch.mul(q, self.w.detach()), self.b.detach())
+
     def extra_repr(self) -> str:
         return (f"k={self.k}, w={float(self.w.detach()):g}, b={float(self.b.detach()):g}, "
                 f"learnable={self.learnable}")
@@ -576,6 +654,18 @@ class ClampByLinear(Quantizer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return clamp_by_linear(x, self.eps)
+
+    def inference(self, x: torch.Tensor) -> torch.Tensor:
+        """``(x - lo) / ((hi + eps) - lo)`` with ``lo, hi = torch.aminmax(x)``: bit-identical to
+        the eval forward on every non-empty input (0-dim included).
+
+        **Empty input**: ``torch.aminmax`` raises RuntimeError (a reduction with no identity),
+        where the forward returns an empty tensor; avoiding it with plain ops would cost a copy
+        of the input on every call.
+        """
+        extremes = torch.aminmax(x)
+        lo, hi = extremes[0], extremes[1]
+        return torch.div(torch.sub(x, lo), (hi + self.eps) - lo)
 
     def extra_repr(self) -> str:
         return f"eps={self.eps}"
@@ -598,6 +688,32 @@ class DoReFa(Quantizer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return dorefa(x, self.k_bit, self.mode)
+
+    def inference(self, x: torch.Tensor) -> torch.Tensor:
+        """The eval forward as plain ops, bit-identical, with ``n = x.new_full((), 2**k_bit - 1)``.
+
+        * ``"activations"``: ``round(clamp(x, 0, 1) * n) / n``.
+        * ``"weights"``: ``t = tanh(x)``, ``lo, hi = aminmax(t)``, ``d = maximum(hi, -lo)``,
+          ``v = addcdiv(0.5, t, where(d == 0, 1.0, 2 * d))``, ``round(v * n) / (n / 2) - 1``.
+          ``addcdiv`` is kept (not ``t / 2d + 0.5``) because it is what the forward runs (on
+          CPU the two agree; a CUDA kernel may keep float16/bfloat16 in float32 between the
+          division and the addition, rounding once where the two-op form rounds twice).
+          Convert folds weight quantizers into constants, so this form matters only where
+          DoReFa "weights" quantizes an activation. **Empty input** raises RuntimeError
+          (``aminmax`` has no identity) where the forward returns an empty tensor.
+
+        A bad ``mode`` raises ValueError (when traced: at trace time). The overflow check of
+        ``2**k_bit - 1`` in x's dtype is not repeated (NaN where the forward would raise).
+        """
+        _check_mode(self.mode, "DoReFa")
+        n = _grid_levels(x, self.k_bit)
+        if self.mode == "activations":
+            return torch.div(torch.round(torch.mul(torch.clamp(x, 0.0, 1.0), n)), n)
+        t = torch.tanh(x)
+        extremes = torch.aminmax(t)
+        d = torch.maximum(extremes[1], torch.neg(extremes[0]))
+        v = torch.addcdiv(t.new_full((), 0.5), t, torch.where(d == 0, 1.0, d * 2))
+        return torch.sub(torch.div(torch.round(torch.mul(v, n)), n / 2), 1)
 
     def extra_repr(self) -> str:
         return f"k_bit={self.k_bit}, mode={self.mode!r}"

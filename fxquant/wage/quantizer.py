@@ -15,6 +15,10 @@ With ``sigma(b) = 2**-(b - 1)`` and ``R`` the rounding of the chosen mode:
   outside that range``}`` (kept as a bool mask for backward).
 * QE: ``dx = clip(R(shift(g) / sigma) * sigma, -1 + sigma, 1 - sigma)``, then ``dx[m] = 0``.
 
+In eval mode the modules round their forward to nearest (a stochastic ``A_mode``/``mode`` applies
+in training only), and ``inference`` gives that eval forward as plain ops (``mul, round, clamp,
+mul``) for ``convert``; ``get_config`` leaves out the ``generator``.
+
 >>> import torch
 >>> x = torch.tensor([0.3, 0.999, -2.0], requires_grad=True)
 >>> WAGEQuantizer(2, 8)(x).sum().backward()
@@ -29,7 +33,11 @@ from typing import Any
 import torch
 
 from fxquant.quantizers.base import Quantizer, check_floating, register
-from fxquant.quantizers.fixed_point import ROUNDING_MODES, _scaled_round_clamp
+from fxquant.quantizers.fixed_point import (
+    ROUNDING_MODES,
+    _scaled_round_clamp,
+    _symmetric_nearest_plain,
+)
 from fxquant.wage.functional import QW, _check_bits, _check_scale, _shift_divisor
 
 __all__ = [
@@ -181,8 +189,24 @@ def wage_weight_quantize(
     return _WAGEWeightQuantize.apply(w, bits, scale, mode, generator)
 
 
+class _WAGEModule(Quantizer):
+    """Shared by the WAGE modules: ``get_config`` without the generator."""
+
+    def get_config(self) -> dict[str, Any]:
+        """Constructor arguments as plain data; ``generator`` is dropped.
+
+        A ``torch.Generator`` is not plain data (and its state is not a setting), so a rebuilt
+        quantizer ``type(q)(**q.get_config())`` has ``generator=None`` and draws stochastic noise
+        from torch's global generator; outputs are equal wherever no noise is drawn (nearest
+        rounding, or eval mode).
+        """
+        config = super().get_config()
+        del config["generator"]
+        return config
+
+
 @register("wage")
-class WAGEQuantizer(Quantizer):
+class WAGEQuantizer(_WAGEModule):
     """QPyTorch/xbtorch ``WAGEQuantizer``: QA forward, QE backward masked where QA clamped.
 
     See :func:`wage_quantize` for the formulas and edge cases. ``bits_A=-1`` or ``bits_E=-1``
@@ -193,7 +217,14 @@ class WAGEQuantizer(Quantizer):
 
     ``generator`` is used for stochastic rounding. A deep copy of the module (e.g. through
     ``fxquant.quantizers.get(instance)``) copies the generator's state, so copies draw the same
-    noise sequence; give each copy its own generator if that matters.
+    noise sequence; give each copy its own generator if that matters. ``get_config`` drops it.
+
+    Eval mode (``module.eval()``): the forward rounds to nearest whatever ``A_mode`` is, so that
+    inference is deterministic and :meth:`inference` (plain ops, used by ``convert``) equals it bit
+    for bit; the backward keeps ``E_mode``. **Difference from QPyTorch**, whose modules have no
+    eval mode and keep drawing noise for ``A_mode="stochastic"`` at test time (its
+    ``reproduce.sh`` and xbtorch use ``A_mode="nearest"``, where nothing changes; its test-time
+    weights ``QW(weight_acc, scale)`` are nearest as well).
     """
 
     def __init__(
@@ -217,7 +248,23 @@ class WAGEQuantizer(Quantizer):
         self.generator = generator
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return wage_quantize(x, self.bits_A, self.bits_E, self.A_mode, self.E_mode, self.generator)
+        a_mode = self.A_mode if self.training else "nearest"
+        return wage_quantize(x, self.bits_A, self.bits_E, a_mode, self.E_mode, self.generator)
+
+    def inference(self, x: torch.Tensor) -> torch.Tensor:
+        """The eval forward in plain ops: ``clamp(round(x * 2**(b-1)), -hi, hi) * 2**-(b-1)``.
+
+        ``b = bits_A``, ``hi = 2**(b-1) - 1``; QA with nearest (half-to-even) rounding, equal to
+        ``self.eval()(x)`` bit for bit on every floating dtype (float16/bfloat16 with
+        ``bits_A > 16`` go through float32 casts). ``bits_A == -1``: ``x`` itself.
+        """
+        if self.bits_A == -1:
+            return x
+        return _symmetric_nearest_plain(x, self.bits_A, self.bits_A - 1)
+
+    def forward_is_identity(self) -> bool:
+        """True for ``bits_A == -1`` (only the backward is quantized)."""
+        return self.bits_A == -1
 
     def extra_repr(self) -> str:
         return (f"bits_A={self.bits_A}, bits_E={self.bits_E}, A_mode={self.A_mode!r}, "
@@ -225,13 +272,13 @@ class WAGEQuantizer(Quantizer):
 
 
 @register("wage_error")
-class WAGEError(Quantizer):
+class WAGEError(_WAGEModule):
     """WAGE error quantizer: identity forward, QE backward (``WAGEQuantizer(-1, bits_E)``).
 
     Forward: ``y = x`` (a copy). Gradient: ``dx = clip(R(shift(g) / sigma) * sigma, -1 + sigma,
     1 - sigma)`` with ``sigma = 2**-(bits_E - 1)``; no mask. An all-zero ``g`` gives zeros
     (QPyTorch: NaN). ``bits`` is 32 (the forward is not quantized). The last quantizer of a WAGE
-    model (QPyTorch VGG7LP, xbtorch).
+    model (QPyTorch VGG7LP, xbtorch). ``get_config`` drops ``generator``.
     """
 
     def __init__(
@@ -251,17 +298,30 @@ class WAGEError(Quantizer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return wage_quantize(x, -1, self.bits_E, "nearest", self.mode, self.generator)
 
+    def inference(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: the forward is the identity."""
+        return x
+
+    def forward_is_identity(self) -> bool:
+        """Always True: only the backward is quantized."""
+        return True
+
     def extra_repr(self) -> str:
         return f"bits_E={self.bits_E}, mode={self.mode!r}"
 
 
 @register("wage_weight")
-class WAGEWeight(Quantizer):
+class WAGEWeight(_WAGEModule):
     """WAGE weight quantizer: ``QW`` forward, straight-through (identity) backward.
 
     See :func:`wage_weight_quantize`. ``scale`` is a plain attribute, normally set from the scale
     :func:`fxquant.wage.wage_init_` returns (and stores as ``weight.weight_scale``); ``QW`` divides
-    by it only when ``scale > 1.8``. ``bits`` = ``bits`` (2 in WAGE 2-8-8-8).
+    by it only when ``scale > 1.8``. ``bits`` = ``bits`` (2 in WAGE 2-8-8-8). ``get_config``
+    drops ``generator``.
+
+    Eval mode (``module.eval()``, and so ``convert``'s weight folding): the forward rounds to
+    nearest whatever ``mode`` is, as QPyTorch's test loop does (``QW(weight_acc, scale)``, default
+    ``mode="nearest"``), and equals :meth:`inference` bit for bit.
     """
 
     def __init__(
@@ -281,7 +341,20 @@ class WAGEWeight(Quantizer):
         self.generator = generator
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return wage_weight_quantize(w, self.bits, self.scale, self.mode, self.generator)
+        mode = self.mode if self.training else "nearest"
+        return wage_weight_quantize(w, self.bits, self.scale, mode, self.generator)
+
+    def inference(self, x: torch.Tensor) -> torch.Tensor:
+        """The eval forward in plain ops: nearest ``QW``, then ``/ scale`` when ``scale > 1.8``.
+
+        ``clamp(round(x * 2**(b-1)), -hi, hi) * 2**-(b-1)`` with ``hi = 2**(b-1) - 1``, equal to
+        ``self.eval()(x)`` bit for bit on every floating dtype (float16/bfloat16 with
+        ``bits > 16`` go through float32 casts).
+        """
+        y = _symmetric_nearest_plain(x, self.bits, self.bits - 1)
+        if self.scale > 1.8:
+            y = y / self.scale
+        return y
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, scale={self.scale}, mode={self.mode!r}"

@@ -8,11 +8,13 @@ arithmetic, closed-form derivatives, and the reference libraries' expressions wr
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
 import pytest
 import torch
+import torch.fx
 
 from fxquant.quantizers import base, kbit
 from fxquant.quantizers.kbit import (
@@ -659,6 +661,223 @@ class TestCommonBehaviour:
     def test_function_refuses_non_tensors(self, name, kwargs, cls, bits):
         with pytest.raises(TypeError):
             cls(**kwargs)([0.5, 1.0])
+
+
+# ------------------------------------------------------------------------------------------------
+# inference forms, forward_is_identity, get_config
+
+
+class InferenceOf(torch.nn.Module):
+    """What convert traces: a wrapper whose forward is ``q.inference(x)``."""
+
+    def __init__(self, q: base.Quantizer) -> None:
+        super().__init__()
+        self.q = q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.q.inference(x)
+
+
+def traced(q: base.Quantizer) -> torch.fx.GraphModule:
+    return torch.fx.symbolic_trace(InferenceOf(q.eval()))
+
+
+def edge_values(dtype: torch.dtype) -> torch.Tensor:
+    """±0, ±1, halves and k-bit ties with their one-ulp neighbours, NaN, ±inf, subnormals, max."""
+    info = torch.finfo(dtype)
+    points = [0.0, 1.0, 0.5, 1.5, 2.5, 0.25, 0.125, 0.375, 0.1, 1 / 3, 2 / 3]
+    points += [(i + 0.5) / n for n in (3, 7, 15) for i in range(-1, n + 1)]
+    points += [(i + 0.5) / 255 for i in (0, 1, 2, 127, 128, 253, 254, 255)]
+    values = torch.tensor(points + [-v for v in points], dtype=dtype)
+    inf = torch.tensor(INF, dtype=dtype)
+    neighbours = torch.cat([torch.nextafter(values.float(), inf.float()).to(dtype),
+                            torch.nextafter(values.float(), -inf.float()).to(dtype)])
+    if dtype == torch.float64:
+        neighbours = torch.cat([torch.nextafter(values, inf), torch.nextafter(values, -inf)])
+    specials = torch.tensor([-0.0, NAN, INF, -INF, info.tiny * info.eps, -info.tiny * info.eps,
+                             info.tiny / 4, -info.tiny / 4, info.tiny, info.max, -info.max,
+                             info.eps], dtype=dtype)
+    return torch.cat([values, neighbours, specials, torch.arange(-24, 25, dtype=dtype) / 8])
+
+
+def whole_tensor_inputs(dtype: torch.dtype) -> list[torch.Tensor]:
+    """Inputs for quantizers that reduce the whole tensor: one special per tensor."""
+    finite = edge_values(dtype)
+    finite = finite[torch.isfinite(finite)]
+    inputs = [finite, finite.reshape(1, -1), torch.zeros(4, dtype=dtype),
+              torch.tensor([-0.0, 0.0, -0.0], dtype=dtype), torch.full((3,), 1000.0, dtype=dtype),
+              torch.full((2, 2), 0.25, dtype=dtype)]
+    for special in (NAN, INF, -INF):
+        inputs.append(torch.cat([finite[:9], torch.tensor([special], dtype=dtype)]))
+    return inputs
+
+
+ELEMENTWISE = [
+    RoundSTE(), CeilSTE(), FloorSTE(), ClampSTE(-1.0, 2.0), ClampSTE(-INF, 0.5),
+    ClampSTE(0.25, 0.25), StepQuantize(0.25), StepQuantize(0.1), KBitQuantize(1),
+    KBitQuantize(2), KBitQuantize(8), AffineKBitQuantize(2, w=1.5, b=-0.25),
+    AffineKBitQuantize(3, w=0.1, b=0.3, learnable=False), DoReFa(1), DoReFa(2), DoReFa(4),
+]
+WHOLE_TENSOR = [ClampByLinear(), ClampByLinear(0.0), DoReFa(1, "weights"),
+                DoReFa(2, "weights"), DoReFa(8, "weights")]
+ALL_CASES = ELEMENTWISE + WHOLE_TENSOR
+
+
+def case_id(q: base.Quantizer) -> str:
+    return f"{type(q).__name__}({q.extra_repr()})"
+
+
+def inputs_for(q: base.Quantizer, dtype: torch.dtype) -> list[torch.Tensor]:
+    if any(q is case for case in WHOLE_TENSOR):
+        inputs = whole_tensor_inputs(dtype)
+    else:
+        edge = edge_values(dtype)
+        pairs = edge[: edge.numel() // 2 * 2].reshape(-1, 2)
+        inputs = [edge, pairs, torch.empty(0, 3, dtype=dtype)]
+        inputs += [torch.tensor(v, dtype=dtype) for v in (0.5, -0.0, NAN, -INF, 0.3)]
+    inputs.append(seeded(5, 17, low=-3.0, high=3.0, seed=7).to(dtype))
+    inputs.append(seeded(64, low=-0.1, high=1.1, seed=8).to(dtype))
+    inputs.append(torch.tensor(0.7, dtype=dtype))  # 0-dim
+    return inputs
+
+
+class TestInference:
+    @pytest.mark.parametrize("q", ALL_CASES, ids=case_id)
+    def test_traces_to_plain_ops_only(self, q):
+        gm = traced(q)
+        gm.graph.lint()
+        ops = {node.op for node in gm.graph.nodes}
+        allowed = {"placeholder", "output", "call_function", "call_method"}
+        if isinstance(q, AffineKBitQuantize):  # w and b are read as tensors: two get_attr nodes
+            targets = [str(n.target) for n in gm.graph.nodes if n.op == "get_attr"]
+            values = [functools.reduce(getattr, name.split("."), gm) for name in targets]
+            assert [v.item() for v in values] == [q.w.item(), q.b.item()]
+            allowed.add("get_attr")
+        assert ops <= allowed and "call_function" in ops
+
+    @pytest.mark.parametrize("q", ALL_CASES, ids=case_id)
+    @pytest.mark.parametrize("grad_enabled", [True, False], ids=["grad", "no_grad"])
+    def test_traced_inference_equals_eval_forward_bit_for_bit(self, q, grad_enabled):
+        gm = traced(q)
+        with torch.set_grad_enabled(grad_enabled):
+            for dtype in FLOAT_DTYPES:
+                for x in inputs_for(q, dtype):
+                    expected = q.eval()(x)
+                    exact(gm(x), expected.detach())
+                    exact(q.inference(x), expected.detach())
+
+    @pytest.mark.parametrize("q", ALL_CASES, ids=case_id)
+    def test_traces_as_a_bound_method_of_a_foreign_module(self, q):
+        # convert traces a wrapper holding only ``q.inference``: q is not a submodule of the root
+        class Call(torch.nn.Module):
+            def __init__(self, fn) -> None:
+                super().__init__()
+                self.fn = fn
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return self.fn(x)
+
+        gm = torch.fx.symbolic_trace(Call(q.eval().inference))
+        assert {n.op for n in gm.graph.nodes} <= {"placeholder", "output", "call_function",
+                                                  "call_method", "get_attr"}
+        for node in gm.graph.nodes:  # constants (Affine's w and b) are plain buffers of gm
+            if node.op == "get_attr":
+                assert not isinstance(gm.get_buffer(str(node.target)), torch.nn.Parameter)
+        for dtype in (torch.float16, torch.float32):
+            for x in inputs_for(q, dtype):
+                exact(gm(x), q(x).detach())
+
+    def test_negative_zero_and_nan_survive_like_the_forward(self):
+        gm = traced(DoReFa(2))
+        y = gm(t([-0.0, NAN, 0.5, 1.0]))
+        exact(y, t([-0.0, NAN, grid(2, 3), 1.0]))
+        assert math.copysign(1.0, y[0].item()) == -1.0
+
+    def test_affine_keeps_float16_for_tensors_and_float32_for_zero_dim(self):
+        gm = traced(AffineKBitQuantize(2, w=1.5, b=-0.25))
+        assert gm(torch.ones(3, dtype=torch.float16)).dtype == torch.float16
+        assert gm(torch.tensor(1.0, dtype=torch.float16)).dtype == torch.float32
+
+    def test_affine_inference_reads_the_current_learned_values(self):
+        q = AffineKBitQuantize(2)
+        gm = traced(q)
+        with torch.no_grad():
+            q.w.fill_(2.0)
+            q.b.fill_(-1.0)
+        exact(gm(t([0.0, 1 / 3, 1.0])), t([-1.0, 2 * grid(1, 3) - 1, 1.0]))
+
+    @pytest.mark.parametrize("q", [ClampByLinear(), DoReFa(2, "weights")], ids=case_id)
+    def test_empty_input_raises_where_the_forward_returns_empty(self, q):
+        # documented limitation: aminmax has no identity; the forward special-cases empty input
+        x = torch.empty(0, 4)
+        assert q(x).shape == (0, 4)
+        with pytest.raises(RuntimeError, match="aminmax"):
+            q.inference(x)  # eager: the traced module would print FX's slow error report
+
+    @pytest.mark.parametrize(
+        ("q", "x"),
+        [(KBitQuantize(16), [0.0, 0.5, 1.0]),  # 2**16 - 1 overflows float16: n = inf
+         (StepQuantize(1e-8), [0.0, 0.5, 1.0])],  # 1e-8 vanishes in float16: step = 0
+    )
+    def test_dtype_dependent_settings_give_nan_where_the_forward_raises(self, q, x):
+        # documented limitation: the dtype is unknown when tracing, so the checks are not repeated
+        x16 = t(x, torch.float16)
+        with pytest.raises(ValueError):
+            q(x16)
+        assert torch.isnan(traced(q)(x16)).all()
+
+    def test_bad_mode_raises_at_trace_time(self):
+        q = DoReFa(2)
+        q.mode = "bits"
+        with pytest.raises(ValueError, match="mode"):
+            traced(q)
+
+
+CONFIG_CASES = [
+    (RoundSTE(), {}), (CeilSTE(), {}), (FloorSTE(), {}),
+    (ClampSTE(-1, 2.5), {"min_value": -1.0, "max_value": 2.5}),
+    (ClampSTE(-INF, 0.0), {"min_value": -INF, "max_value": 0.0}),
+    (StepQuantize(0.1), {"step": 0.1}),
+    (KBitQuantize(5), {"k": 5}),
+    (AffineKBitQuantize(3, w=0.5, b=-0.25), {"k": 3, "w": 0.5, "b": -0.25, "learnable": True}),
+    (AffineKBitQuantize(2, w=2, b=1, learnable=False),
+     {"k": 2, "w": 2.0, "b": 1.0, "learnable": False}),
+    (ClampByLinear(1e-3), {"eps": 1e-3}),
+    (DoReFa(3), {"k_bit": 3, "mode": "activations"}),
+    (DoReFa(1, "weights"), {"k_bit": 1, "mode": "weights"}),
+]
+
+
+class TestConfigAndIdentity:
+    @pytest.mark.parametrize("q", ALL_CASES, ids=case_id)
+    def test_no_forward_is_an_identity(self, q):
+        assert q.forward_is_identity() is False
+
+    @pytest.mark.parametrize(("q", "expected"), CONFIG_CASES, ids=lambda v: "")
+    def test_config_is_plain_and_rebuilds_an_equal_quantizer(self, q, expected):
+        config = q.get_config()
+        assert config == expected
+        assert all(type(v) in (int, float, str, bool) for v in config.values())
+        for rebuilt in (type(q)(**config), base.get(q.name, **config)):
+            assert type(rebuilt) is type(q) and rebuilt.get_config() == config
+            for dtype in FLOAT_DTYPES:
+                x = edge_values(dtype)
+                x = x[torch.isfinite(x)] if isinstance(q, (ClampByLinear, DoReFa)) else x
+                exact(rebuilt(x).detach(), q(x).detach())
+
+    @pytest.mark.parametrize("learnable", [True, False])
+    def test_affine_config_carries_the_current_scale_and_offset(self, learnable):
+        q = AffineKBitQuantize(2, learnable=learnable)
+        with torch.no_grad():
+            q.w.fill_(0.7)  # not a float32 number: stored as float32's 0.699999988...
+            q.b.fill_(-0.3)
+        config = q.get_config()
+        assert config == {"k": 2, "w": float(np.float32(0.7)), "b": float(np.float32(-0.3)),
+                          "learnable": learnable}
+        rebuilt = AffineKBitQuantize(**config)
+        x = seeded(50)
+        exact(rebuilt(x).detach(), q(x).detach())
+        assert rebuilt.get_config() == config
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 observed QPyTorch values (reference §3.3, §10 "QPyTorch WAGE specifics")."""
 
 import copy
+import json
 import math
 
 import pytest
@@ -335,3 +336,189 @@ class TestWAGEWeight:
     def test_bad_arguments(self, kwargs, match):
         with pytest.raises(ValueError, match=match):
             WAGEWeight(**kwargs)
+
+
+# --- plain-op inference forms, forward_is_identity, get_config ---------------------------------
+
+class _CallInference(torch.nn.Module):
+    """Tiny wrapper whose traced graph is ``q.inference``'s ops (as convert inlines them)."""
+
+    def __init__(self, q):
+        super().__init__()
+        self.q = q
+
+    def forward(self, x):
+        return self.q.inference(x)
+
+
+def traced_inference(q):
+    gm = torch.fx.symbolic_trace(_CallInference(q))
+    gm.graph.lint()
+    ops = {node.op for node in gm.graph.nodes} - {"placeholder", "output"}
+    assert ops <= {"call_function", "call_method"}, ops
+    return gm
+
+
+def edge_inputs(dtype, bits):
+    """±0, ±1, NaN, ±inf, subnormals, max, grid ties and one ulp either side, clamp bounds."""
+    fi = torch.finfo(dtype)
+    sigma = 2.0 ** -(bits - 1)
+    fixed = torch.tensor([0.0, -0.0, 1.0, -1.0, NAN, INF, -INF, fi.tiny, -fi.tiny,
+                          fi.tiny * fi.eps, -fi.tiny * fi.eps, fi.max, -fi.max, fi.eps, 0.5,
+                          -0.5, 0.25, 0.75, 1 - sigma / 2, -1 + sigma / 2, 3.0, -1e4],
+                         dtype=torch.float64).to(dtype)
+    ties = ((torch.arange(-40, 40, dtype=torch.float64) + 0.5) * sigma).to(dtype)
+    up = torch.nextafter(ties, torch.full_like(ties, INF))
+    down = torch.nextafter(ties, torch.full_like(ties, -INF))
+    gen = torch.Generator().manual_seed(bits)
+    scales = torch.exp2(torch.randint(-20, 4, (1000,), generator=gen).double())
+    rand = (torch.randn(1000, generator=gen, dtype=torch.float64) * scales).to(dtype)
+    return torch.cat([fixed, ties, up, down, rand])
+
+
+def same_bits(actual, expected):
+    """Equal values (NaN where NaN) and the same dtype."""
+    assert actual.dtype == expected.dtype
+    exact(actual, expected)
+
+
+INFERENCE_CASES = [
+    WAGEQuantizer(8, 8), WAGEQuantizer(2, 8), WAGEQuantizer(1, 8), WAGEQuantizer(4, -1),
+    WAGEQuantizer(16, 8), WAGEQuantizer(17, 8), WAGEQuantizer(24, 8),
+    WAGEQuantizer(3, 8, "stochastic", "stochastic", generator=torch.Generator().manual_seed(0)),
+    WAGEQuantizer(-1, 8), WAGEQuantizer(-1, -1), WAGEError(8),
+    WAGEError(4, "stochastic", generator=torch.Generator().manual_seed(0)),
+    WAGEWeight(2), WAGEWeight(2, 2.0), WAGEWeight(3, 3.0), WAGEWeight(8, 32.0), WAGEWeight(1),
+    WAGEWeight(20, 16.0), WAGEWeight(2, 4.0, "stochastic", torch.Generator().manual_seed(0)),
+]
+
+
+def case_id(q):
+    if not isinstance(q, torch.nn.Module):
+        return None  # pytest's default id
+    return f"{type(q).__name__}({q.extra_repr()})"
+
+
+def bits_of(q):
+    return q.bits_A if isinstance(q, WAGEQuantizer) and q.bits_A != -1 else q.bits
+
+
+class TestInference:
+    @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+    @pytest.mark.parametrize("q", INFERENCE_CASES, ids=case_id)
+    def test_traced_inference_equals_eval_forward_bit_for_bit(self, q, dtype):
+        x = edge_inputs(dtype, min(bits_of(q), 24))
+        gm = traced_inference(q)
+        same_bits(gm(x), q.eval()(x))
+        same_bits(q.inference(x), q.eval()(x))
+        q.train()
+
+    @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+    @pytest.mark.parametrize("q", [case for case in INFERENCE_CASES
+                                   if not case.forward_is_identity()], ids=case_id)
+    def test_inference_equals_nearest_oracle(self, q, dtype):
+        x = edge_inputs(dtype, min(bits_of(q), 24))
+        want = qa_oracle(x, bits_of(q))[0]
+        if isinstance(q, WAGEWeight) and q.scale > 1.8:
+            want = want / q.scale
+        same_bits(traced_inference(q)(x), want)
+
+    def test_zero_dim_input_keeps_its_shape(self):
+        y = traced_inference(WAGEQuantizer(17, 8))(torch.tensor(0.3, dtype=torch.float16))
+        assert y.shape == () and y.dtype == torch.float16
+
+    @pytest.mark.parametrize(
+        ("q", "targets"),
+        [(WAGEQuantizer(8, 8), ["mul", "round", "clamp", "mul"]),
+         (WAGEWeight(2, 16.0), ["mul", "round", "clamp", "mul", "truediv"]),
+         (WAGEWeight(2, 1.0), ["mul", "round", "clamp", "mul"]),
+         (WAGEQuantizer(-1, 8), []), (WAGEError(8), [])],
+    )
+    def test_graph_is_the_plain_fixed_point_pattern(self, q, targets):
+        nodes = [n for n in traced_inference(q).graph.nodes if n.op not in ("placeholder",
+                                                                              "output")]
+        assert [getattr(n.target, "__name__", n.target) for n in nodes] == targets
+
+    def test_bits_above_16_compute_in_float32_and_cast_back(self):
+        nodes = [n for n in traced_inference(WAGEQuantizer(17, 8)).graph.nodes]
+        assert [n.target for n in nodes if n.op == "call_method"] == ["to", "to"]
+
+    def test_stochastic_modes_round_to_nearest_in_eval_only(self):
+        gen = torch.Generator().manual_seed(0)
+        x = torch.rand(4000, generator=gen) * 2 - 1
+        q = WAGEQuantizer(4, 8, "stochastic", "stochastic", generator=gen)
+        w = WAGEWeight(4, 2.0, "stochastic", generator=gen)
+        assert not torch.equal(q(x), qa_oracle(x, 4)[0])  # training: noise is drawn
+        assert not torch.equal(w(x), qa_oracle(x, 4)[0] / 2)
+        exact(q.eval()(x), qa_oracle(x, 4)[0])
+        exact(w.eval()(x), qa_oracle(x, 4)[0] / 2)
+
+    def test_eval_keeps_the_stochastic_error_rounding(self):
+        gen = torch.Generator().manual_seed(0)
+        x = torch.rand(2000, generator=gen) * 2 - 1
+        g = torch.randn(2000, generator=gen)
+        q = WAGEQuantizer(8, 4, "nearest", "stochastic", generator=gen).eval()
+        _, grad = forward_backward(q, x, g)
+        assert not torch.equal(grad, qe_oracle(g, 4, qa_oracle(x, 8)[1]))
+
+    def test_eval_forward_with_grad_equals_inference(self):
+        # The masked (training-graph) path of the eval forward gives the same values.
+        x = edge_inputs(torch.float32, 8)
+        q = WAGEQuantizer(8, 8).eval()
+        y, _ = forward_backward(q, x, torch.ones_like(x))
+        exact(y, q.inference(x))
+
+
+class TestForwardIsIdentity:
+    @pytest.mark.parametrize(
+        ("q", "expected"),
+        [(WAGEQuantizer(8, 8), False), (WAGEQuantizer(8, -1), False), (WAGEQuantizer(1, 8), False),
+         (WAGEQuantizer(-1, 8), True), (WAGEQuantizer(-1, -1), True), (WAGEError(8), True),
+         (WAGEError(2, "stochastic"), True), (WAGEWeight(2), False), (WAGEWeight(8, 16.0), False)],
+        ids=case_id,
+    )
+    def test_values(self, q, expected):
+        assert q.forward_is_identity() is expected
+
+    @pytest.mark.parametrize("q", [WAGEQuantizer(-1, 8), WAGEError(8)], ids=case_id)
+    def test_identity_forwards_return_their_input_values(self, q):
+        x = edge_inputs(torch.float32, 8)
+        exact(q(x), x)
+        assert q.inference(x) is x
+
+
+class TestGetConfig:
+    @pytest.mark.parametrize(
+        ("q", "expected"),
+        [(WAGEQuantizer(), {"bits_A": 8, "bits_E": 8, "A_mode": "nearest", "E_mode": "nearest"}),
+         (WAGEQuantizer(-1, 6, "stochastic", "stochastic", torch.Generator().manual_seed(1)),
+          {"bits_A": -1, "bits_E": 6, "A_mode": "stochastic", "E_mode": "stochastic"}),
+         (WAGEError(5, "stochastic", torch.Generator()), {"bits_E": 5, "mode": "stochastic"}),
+         (WAGEWeight(2, 16.0), {"bits": 2, "scale": 16.0, "mode": "nearest"}),
+         (WAGEWeight(3, 2, "stochastic", torch.Generator()),
+          {"bits": 3, "scale": 2, "mode": "stochastic"})],
+        ids=case_id,
+    )
+    def test_plain_data_without_the_generator(self, q, expected):
+        config = q.get_config()
+        assert config == expected
+        assert json.loads(json.dumps(config)) == config
+
+    def test_scale_set_after_construction_is_in_the_config(self):
+        q = WAGEWeight(2)
+        q.scale = 32.0
+        assert q.get_config()["scale"] == 32.0
+
+    @pytest.mark.parametrize("q", INFERENCE_CASES, ids=case_id)
+    def test_round_trip_gives_the_same_quantizer(self, q):
+        rebuilt = type(q)(**q.get_config())
+        assert type(rebuilt) is type(q)
+        assert rebuilt.get_config() == q.get_config()
+        assert rebuilt.bits == q.bits and rebuilt.generator is None
+        gen = torch.Generator().manual_seed(7)
+        x = torch.randn(300, generator=gen)
+        g = torch.randn(300, generator=gen)
+        exact(rebuilt.eval()(x), q.eval()(x))
+        if "stochastic" not in q.extra_repr():  # nothing random: forward and gradient equal
+            exact(forward_backward(rebuilt.train(), x, g)[1], forward_backward(q.train(), x, g)[1])
+        q.train()

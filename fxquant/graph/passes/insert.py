@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
+from typing import Any
 
 import torch.fx
 import torch.nn.functional as F
@@ -11,7 +13,8 @@ from torch import nn
 from fxquant.graph.meta import QuantRecord, Slot, get_record, set_record, update_record
 from fxquant.graph.patterns import FUNCTIONAL_FORM, pattern_end
 from fxquant.graph.recipe import Recipe
-from fxquant.quantizers.base import get
+from fxquant.graph.clone import clone_module
+from fxquant.quantizers.base import Quantizer, get
 
 __all__ = ["insert_weight_quantizers", "insert_input_quantizers", "insert_output_quantizers",
            "insert_error_quantizers"]
@@ -33,7 +36,7 @@ def _add_quantizer(gm: torch.fx.GraphModule, layer: torch.fx.Node, record: Quant
     """
     spec = record.spec(slot)
     assert spec is not None
-    quantizer = get(spec.quantizer)
+    quantizer = _new_quantizer(spec.quantizer)
     base = f"{record.layer.replace('.', '_')}_{slot}_quantizer"
     name, i = base, 0
     while hasattr(gm, name):
@@ -45,6 +48,31 @@ def _add_quantizer(gm: torch.fx.GraphModule, layer: torch.fx.Node, record: Quant
                                  quantizer=quantizer.name, bits=quantizer.bits))
     update_record(layer, quantizers=(*record.quantizers, (slot, name)))
     return node
+
+
+_PROTOTYPES: weakref.WeakKeyDictionary[Any, Quantizer] = weakref.WeakKeyDictionary()
+
+
+def _new_quantizer(spec: Any) -> Quantizer:
+    """``get(spec)``, but built once per spec and cloned after (constructors are slow)."""
+    key = spec if not isinstance(spec, str) else _STRING_KEYS.setdefault(spec, _Key(spec))
+    try:
+        prototype = _PROTOTYPES.get(key)
+    except TypeError:  # an unhashable or non-weakref-able spec
+        return get(spec)
+    if prototype is None:
+        prototype = _PROTOTYPES[key] = get(spec)
+    return clone_module(prototype)
+
+
+class _Key:
+    """A weak-referenceable stand-in for a registry name."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+_STRING_KEYS: dict[str, _Key] = {}
 
 
 def _functional_call(gm: torch.fx.GraphModule, node: torch.fx.Node, module: nn.Module,

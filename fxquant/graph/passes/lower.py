@@ -17,15 +17,23 @@ from fxquant.quantizers.base import Quantizer
 __all__ = ["lower_activation_quantizers", "pack_weights", "eliminate_dead_code"]
 
 
-class _Call(nn.Module):
-    """A module whose forward is ``fn(x)`` or ``fn(x, y)``: traced to inline ``fn``'s plain ops."""
+class _Call1(nn.Module):
+    """A module whose forward is ``fn(x)``: traced to inline ``fn``'s plain ops."""
 
     def __init__(self, fn: Callable[..., torch.Tensor]) -> None:
         super().__init__()
         self.fn = fn
+        owner = getattr(fn, "__self__", None)
+        if isinstance(owner, nn.Module):  # so tracing finds the quantizer's own tensors
+            self.owner = owner
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        return self.fn(x) if y is None else self.fn(x, y)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+
+class _Call2(_Call1):
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return self.fn(x, y)
 
 
 def _inline(gm: torch.fx.GraphModule, before: torch.fx.Node, fn: Callable[..., torch.Tensor],
@@ -34,15 +42,16 @@ def _inline(gm: torch.fx.GraphModule, before: torch.fx.Node, fn: Callable[..., t
 
     Tensor constants ``fn`` reads (e.g. a quantizer's buffers) become buffers ``<prefix>_<name>``.
     """
-    sub = torch.fx.symbolic_trace(_Call(fn), {"y": None} if len(inputs) == 1 else None)
+    sub = torch.fx.symbolic_trace((_Call1 if len(inputs) == 1 else _Call2)(fn))
     placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
     env: dict[torch.fx.Node, torch.fx.Node] = dict(zip(placeholders, inputs))
     for n in sub.graph.nodes:
         if n.op == "get_attr":
             name = f"{prefix}_{str(n.target).replace('.', '_')}"
-            gm.register_buffer(name, sub.get_parameter(str(n.target)).detach().clone()
-                               if str(n.target) in dict(sub.named_parameters())
-                               else sub.get_buffer(str(n.target)).clone())
+            value = sub
+            for part in str(n.target).split("."):
+                value = getattr(value, part)
+            gm.register_buffer(name, value.detach().clone())
             with gm.graph.inserting_before(before):
                 env[n] = gm.graph.get_attr(name)
     with gm.graph.inserting_before(before):

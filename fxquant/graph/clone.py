@@ -1,0 +1,70 @@
+"""clone_module(): an independent copy of a model, much faster than ``copy.deepcopy``.
+
+``prepare`` must never modify the user's model, so it works on a copy. ``copy.deepcopy`` walks every
+attribute of every module generically and costs about four symbolic traces on a 6,000-node ResNet;
+this copier knows the layout of ``nn.Module``: it clones parameters and buffers (keeping their
+``requires_grad``, their Python attributes and any sharing between modules), recurses into child
+modules, gives each module fresh hook dictionaries, shares immutable attributes (numbers, strings,
+tuples of them, dtypes, devices) and deep-copies anything else.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["clone_module"]
+
+_ATOMS = (int, float, complex, bool, str, bytes, type(None), torch.dtype, torch.device,
+          torch.layout, torch.memory_format)
+_TENSOR_DICTS = ("_parameters", "_buffers")
+
+
+def _immutable(value: Any) -> bool:
+    if isinstance(value, _ATOMS):
+        return True
+    return isinstance(value, (tuple, frozenset)) and all(_immutable(v) for v in value)
+
+
+def _clone_tensor(t: torch.Tensor | None, memo: dict[int, Any]) -> torch.Tensor | None:
+    if t is None:
+        return None
+    if id(t) not in memo:
+        new = t.detach().clone()
+        if isinstance(t, nn.Parameter):
+            new = nn.Parameter(new, requires_grad=t.requires_grad)
+        elif t.requires_grad:
+            new.requires_grad_(True)
+        if t.__dict__:
+            new.__dict__.update(copy.deepcopy(t.__dict__, memo))
+        memo[id(t)] = new
+    return memo[id(t)]
+
+
+def _clone(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
+    if id(module) in memo:
+        return memo[id(module)]
+    new = object.__new__(type(module))
+    memo[id(module)] = new
+    state = {}
+    for key, value in module.__dict__.items():
+        if key in _TENSOR_DICTS:
+            state[key] = {k: _clone_tensor(v, memo) for k, v in value.items()}
+        elif key == "_modules":
+            state[key] = {k: None if c is None else _clone(c, memo) for k, c in value.items()}
+        elif _immutable(value):
+            state[key] = value
+        elif isinstance(value, (dict, set)) and not value:
+            state[key] = type(value)()  # empty hook dicts and the like
+        else:
+            state[key] = copy.deepcopy(value, memo)
+    new.__dict__.update(state)
+    return new
+
+
+def clone_module(module: nn.Module) -> nn.Module:
+    """An independent copy of ``module``: same classes, same values, no shared state."""
+    return _clone(module, {})
