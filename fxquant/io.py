@@ -78,12 +78,16 @@ def recipe_to_plain(recipe: Recipe) -> dict[str, Any]:
 def recipe_from_plain(plain: dict[str, Any]) -> Recipe:
     recipe = Recipe(**{s: _quantizer_from_plain(plain["slots"][s]) for s in SLOTS},
                     strict=plain["strict"], keep_first_last=plain["keep_first_last"])
-    add: dict[str, Callable[..., Recipe]] = {"type": Recipe.for_type, "regex": Recipe.for_regex,
-                                             "name": Recipe.for_name}
+    keyed: dict[str, Callable[..., Recipe]] = {"type": Recipe.for_type, "regex": Recipe.for_regex,
+                                               "name": Recipe.for_name}
     for rule in plain["rules"]:
-        key = _resolve(rule["key"]) if rule["kind"] == "type" else rule["key"]
         slots = {s: _quantizer_from_plain(v) for s, v in rule["slots"].items()}
-        recipe = add[rule["kind"]](recipe, key, **slots)
+        if rule["kind"] in ("first", "last"):
+            method = Recipe.for_first if rule["kind"] == "first" else Recipe.for_last
+            recipe = method(recipe, **slots)
+            continue
+        key = _resolve(rule["key"]) if rule["kind"] == "type" else rule["key"]
+        recipe = keyed[rule["kind"]](recipe, key, **slots)
     return recipe
 
 

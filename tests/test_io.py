@@ -139,7 +139,7 @@ def test_recipe_plain_round_trip():
                              keep_first_last=True)
               .for_type(nn.Conv2d, weight="dorefa").for_type(F.linear, input=None)
               .for_regex(r"layer\d", output=lambda: SteTern(ternary_weight_networks=True))
-              .for_name("fc", error=None))
+              .for_name("fc", error=None).for_first(input="ste_sign").for_last(output=None))
     again = recipe_from_plain(recipe_to_plain(recipe))
     assert recipe_to_plain(again) == recipe_to_plain(recipe)
     assert [r.describe() for r in again.rules] == [r.describe() for r in recipe.rules]

@@ -47,7 +47,9 @@ class QuantRecord:
     ``module``: the module that owns the layer's parameters ("" when it has none).
     ``specs``: resolved recipe slots (layers only; slots left in float are absent).
     ``quantizers``: slot -> inserted submodule name (layers, filled by the insert passes).
-    ``quantizer`` / ``bits``: registry name and bits (quantizer nodes only).
+    ``quantizer`` / ``bits``: registry name and bits (quantizer and weight-constant nodes).
+    ``tensors`` / ``numel``: for weight constants, the state_dict keys that store the weight and
+    its number of values (so ``summary`` can report the bytes really stored).
     """
 
     role: Role
@@ -58,6 +60,8 @@ class QuantRecord:
     quantizers: tuple[tuple[Slot, str], ...] = ()
     quantizer: str = ""
     bits: int = 32
+    tensors: tuple[str, ...] = ()
+    numel: int = 0
 
     def spec(self, slot: Slot) -> QuantSpec | None:
         return dict(self.specs).get(slot)

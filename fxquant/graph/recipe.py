@@ -6,12 +6,14 @@ for every layer), a factory returning a quantizer, or ``None`` (leave that slot 
 
 Precedence, lowest to highest::
 
-    global  <  type / function  <  first/last layer  <  regex  <  exact name
+    global  <  type / function  <  first / last layer  <  regex  <  exact name
 
 A rule only sets the slots it names; the others fall through to lower precedence. Among rules of the
-same kind, the one added last wins. ``keep_first_last=True`` (used by the BNN, XNOR, Bi-Real, TWN and
-DoReFa presets, as in the papers) leaves every slot of the first and the last weighted layer (in graph
-order) in float unless a regex or name rule says otherwise.
+same precedence, the one added last wins. ``.for_first`` / ``.for_last`` address the first and the
+last weighted layer in graph order. ``keep_first_last=True`` (used by the BNN, XNOR, Bi-Real, TWN and
+DoReFa presets, as in the papers) acts like ``.for_first`` and ``.for_last`` setting every slot to
+``None`` before any rule of yours, so the first and last layer stay in float unless a first/last,
+regex or name rule says otherwise.
 
 >>> import torch.nn as nn
 >>> r = Recipe(weight="ste_sign").for_type(nn.Linear, weight=None).for_name("fc2", weight="ste_tern")
@@ -34,7 +36,7 @@ from fxquant.quantizers.base import Quantizer, names
 __all__ = ["Recipe", "Rule", "LayerInfo"]
 
 _UNSET: Any = object()
-_PRECEDENCE = {"type": 1, "first_last": 2, "regex": 3, "name": 4}
+_PRECEDENCE = {"type": 1, "first": 2, "last": 2, "regex": 3, "name": 4}
 
 
 @dataclass(frozen=True)
@@ -44,12 +46,14 @@ class LayerInfo:
     path: str
     module_type: type[nn.Module] | None
     function: Callable[..., Any] | None
-    first_or_last: bool = False
+    is_first: bool = False
+    is_last: bool = False
 
 
 @dataclass(frozen=True)
 class Rule:
-    """One refinement: ``kind`` is "type", "regex" or "name"; ``slots`` holds the slots it sets."""
+    """One refinement: ``kind`` is "type", "first", "last", "regex" or "name"; ``slots`` holds the
+    slots it sets."""
 
     kind: str
     key: Any
@@ -59,9 +63,13 @@ class Rule:
     def describe(self) -> str:
         if self.kind == "type":
             return f"type:{getattr(self.key, '__name__', repr(self.key))}"
+        if self.kind in ("first", "last"):
+            return self.kind
         return f"{self.kind}:{self.key}"
 
     def matches(self, layer: LayerInfo) -> bool:
+        if self.kind in ("first", "last"):
+            return layer.is_first if self.kind == "first" else layer.is_last
         if self.kind == "name":
             return layer.path == self.key
         if self.kind == "regex":
@@ -133,6 +141,14 @@ class Recipe:
         return self._add(Rule("regex", pattern, _slots(f"for_regex({pattern!r})", **slots),
                               compiled))
 
+    def for_first(self, **slots: Any) -> Recipe:
+        """Set slots for the first weighted layer (in graph order)."""
+        return self._add(Rule("first", None, _slots("for_first", **slots)))
+
+    def for_last(self, **slots: Any) -> Recipe:
+        """Set slots for the last weighted layer (in graph order)."""
+        return self._add(Rule("last", None, _slots("for_last", **slots)))
+
     def for_name(self, qualified_name: str, **slots: Any) -> Recipe:
         """Set slots for the layer at exactly ``qualified_name`` (e.g. ``"layer1.0.conv1"``)."""
         if not isinstance(qualified_name, str) or not qualified_name:
@@ -151,21 +167,18 @@ class Recipe:
         for slot in SLOTS:
             value = getattr(self, slot)
             chosen[slot] = None if value is None else QuantSpec(value, "global")
-        for level, rule in self._ordered():
-            if level == "first_last":
-                if layer.first_or_last:
-                    chosen = dict.fromkeys(SLOTS)
-                continue
-            if rule is not None and rule.matches(layer):
+        for rule in self._ordered():
+            if rule.matches(layer):
                 for slot, value in rule.slots:
                     chosen[slot] = None if value is None else QuantSpec(value, rule.describe())
         return tuple((slot, spec) for slot, spec in chosen.items() if spec is not None)
 
-    def _ordered(self) -> list[tuple[str, Rule | None]]:
-        levels: list[tuple[str, Rule | None]] = [(r.kind, r) for r in self.rules]
+    def _ordered(self) -> list[Rule]:
+        implicit = []
         if self.keep_first_last:
-            levels.append(("first_last", None))
-        return sorted(levels, key=lambda item: _PRECEDENCE[item[0]])  # stable: last added wins
+            float_slots = tuple((s, None) for s in SLOTS)
+            implicit = [Rule("first", None, float_slots), Rule("last", None, float_slots)]
+        return sorted((*implicit, *self.rules), key=lambda r: _PRECEDENCE[r.kind])  # stable
 
     def unmatched_rules(self, layers: list[LayerInfo]) -> list[Rule]:
         """Rules that match none of ``layers`` (an error when ``strict``)."""
@@ -204,8 +217,12 @@ class Recipe:
 
     @classmethod
     def wage(cls, bits_W: int = 2, bits_A: int = 8, bits_E: int = 8) -> Recipe:  # noqa: N803
-        """WAGE (Wu et al. 2018): QW weights, QA after each layer's activation, QE on its error."""
+        """WAGE (Wu et al. 2018, arXiv:1802.04680) as QPyTorch's VGG example places it: QW
+        weights, QA on the network input and after every hidden layer's activation, QE on every
+        layer's error (the logits get QE only)."""
         from fxquant.wage import WAGEError, WAGEQuantizer, WAGEWeight
 
-        return cls(weight=WAGEWeight(bits_W), output=WAGEQuantizer(bits_A, -1),
-                   error=WAGEError(bits_E))
+        return (cls(weight=WAGEWeight(bits_W), output=WAGEQuantizer(bits_A, -1),
+                    error=WAGEError(bits_E))
+                .for_first(input=WAGEQuantizer(bits_A, -1))
+                .for_last(output=None))

@@ -71,15 +71,24 @@ def _quantizer_of(gm: torch.fx.GraphModule, node: object) -> tuple[str, int, obj
     return "-", 32, node
 
 
-def _weight_and_bias(gm: torch.fx.GraphModule, node: torch.fx.Node, record: QuantRecord
-                     ) -> tuple[torch.Tensor | None, torch.Tensor | None, str, int]:
+def _stored_bits(gm: torch.fx.GraphModule, keys: tuple[str, ...]) -> int:
+    state = gm.state_dict(keep_vars=True)
+    return sum(8 * state[k].numel() * state[k].element_size() for k in keys if k in state)
+
+
+def _weight(gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple[str, int, int, int]:
+    """(quantizer name, bits, weight count, weight memory in bits) of a layer node."""
     if node.op == "call_module":  # a layer left in float keeps its module call
-        module = gm.get_submodule(str(node.target))
-        return module.weight, module.bias, "-", 32
-    wq, wbits, weight_arg = _quantizer_of(gm, node.args[1] if len(node.args) > 1
-                                          else node.kwargs.get("weight"))
-    bias_arg = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-    return _param(gm, weight_arg), _param(gm, bias_arg), wq, wbits
+        weight = gm.get_submodule(str(node.target)).weight
+        return "-", 32, weight.numel(), 32 * weight.numel()
+    arg = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+    record = get_record(arg) if isinstance(arg, torch.fx.Node) else None
+    if record is not None and record.role in ("folded_weight", "packed_weight"):  # converted
+        return record.quantizer, record.bits, record.numel, _stored_bits(gm, record.tensors)
+    name, bits, source = _quantizer_of(gm, arg)
+    weight = _param(gm, source)
+    count = weight.numel() if weight is not None else 0
+    return name, bits, count, bits * count
 
 
 def _output_positions(op: str, shape: tuple[int, ...]) -> int:
@@ -94,16 +103,19 @@ def layer_stats(gm: torch.fx.GraphModule) -> list[LayerStats]:
         record = get_record(node)
         if record is None or record.role != "layer":
             continue
-        weight, bias, wq, wbits = _weight_and_bias(gm, node, record)
+        wq, wbits, wcount, wmemory = _weight(gm, node)
+        if node.op == "call_module":
+            bias = gm.get_submodule(str(node.target)).bias
+        else:
+            bias = _param(gm, node.args[2] if len(node.args) > 2 else node.kwargs.get("bias"))
         x = node.args[0] if node.args else node.kwargs.get("input")
         iq, ibits, _ = _quantizer_of(gm, x)
         meta = node.meta.get("tensor_meta")
         shape = tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
-        wcount = weight.numel() if weight is not None else 0
         bcount = bias.numel() if bias is not None else 0
         macs = wcount * _output_positions(record.op, shape) if shape is not None else None
         stats.append(LayerStats(record.layer, record.op, wq, wbits, iq, ibits, shape, wcount,
-                                bcount, wcount * wbits + bcount * 32, macs))
+                                bcount, wmemory + bcount * 32, macs))
     return stats
 
 
@@ -143,7 +155,22 @@ def summary(gm: torch.fx.GraphModule) -> str:
     return table + "\n\n" + tabulate(_totals(gm, stats), tablefmt="plain", disable_numparse=True)
 
 
-def _totals(gm: torch.fx.GraphModule, stats: list[LayerStats]) -> list[list[str]]:
+def _sizes(gm: torch.fx.GraphModule) -> tuple[int, int, int]:
+    """(values, trainable values, memory in bits) of the whole model.
+
+    Prepared (or float) models: every parameter, quantized weights at their bits, others at 32.
+    Converted models: every state_dict tensor at the bytes it really takes; a packed weight counts
+    as its number of weights.
+    """
+    constants = [r for n in gm.graph.nodes if (r := get_record(n)) is not None
+                 and r.role in ("folded_weight", "packed_weight")]
+    trainable = sum(p.numel() for p in gm.parameters() if p.requires_grad)
+    if constants:
+        state = gm.state_dict()
+        packed = {k for r in constants for k in r.tensors}
+        values = sum(t.numel() for k, t in state.items() if k not in packed)
+        values += sum(r.numel for r in constants)
+        return values, trainable, _stored_bits(gm, tuple(state))
     quantized_bits = {}
     for node in gm.graph.nodes:
         record = get_record(node)
@@ -152,9 +179,12 @@ def _totals(gm: torch.fx.GraphModule, stats: list[LayerStats]) -> list[list[str]
             if isinstance(arg, torch.fx.Node) and arg.op == "get_attr":
                 quantized_bits[str(arg.target)] = record.bits
     params = dict(gm.named_parameters())
-    total = sum(p.numel() for p in params.values())
-    trainable = sum(p.numel() for p in params.values() if p.requires_grad)
     memory = sum(p.numel() * quantized_bits.get(name, 32) for name, p in params.items())
+    return sum(p.numel() for p in params.values()), trainable, memory
+
+
+def _totals(gm: torch.fx.GraphModule, stats: list[LayerStats]) -> list[list[str]]:
+    total, trainable, memory = _sizes(gm)
     fp32 = 32 * total
     macs = sum(s.macs or 0 for s in stats)
     rows = [["Total params", _count(total)], ["Trainable params", _count(trainable)],

@@ -1,4 +1,4 @@
-"""Private helpers shared by the sign family (:mod:`.sign`) and the ternary quantizer (:mod:`.ternary`).
+"""Private helpers shared by the sign family (:mod:`.sign`) and :mod:`.ternary`.
 
 Argument checks, the exact saturating sign (``clamp(bias + B*B*x)``), the exact gradient select on
 integer views, and the NaN pass-through of the plain-op inference forms. Nothing here is public.

@@ -1,7 +1,8 @@
 """Binary quantizers: the sign family (larq, Bi-Real Net, BNN+) and bitorch's ProgressiveSign.
 
 Every quantizer here is a ``torch.autograd.Function`` with its forward and surrogate gradient side
-by side, a plain function that applies it, and a thin registered :class:`Quantizer` module.
+by side, a plain function that applies it, and a thin registered :class:`Quantizer` module whose
+``inference(x)`` is the eval forward in plain, FX-traceable torch ops (inlined by ``convert()``).
 
 Conventions shared by the whole family (larq semantics unless a docstring says otherwise):
 
@@ -14,6 +15,12 @@ Conventions shared by the whole family (larq semantics unless a docstring says o
 * Outputs keep the input's floating dtype and device. Integer and bool inputs raise ``TypeError``.
 * ``ste_sign``, ``ste_heaviside`` (and ``ste_tern`` in :mod:`fxquant.quantizers.ternary`) save only
   a one-byte mask for backward, never a float copy of the input.
+* ``inference`` writes the sign as ``torch.where(x >= 0, 1.0, -1.0)`` (the pattern converters
+  match), cast to x's dtype, then ``torch.where(torch.isnan(x), x, ...)`` for NaN; the Heaviside
+  step as ``torch.where(x > 0, 1.0, 0.0)`` likewise. The autograd forwards keep their faster
+  saturating ``clamp(bias + B*B*x)`` (no comparison, no ``where``). Both agree bit for bit on
+  every input, NaN included: a NaN output is the input's NaN (quieted by the forward's arithmetic,
+  returned as is by ``inference``, so a signalling NaN input is the one difference in bits).
 
 >>> import torch
 >>> ste_sign(torch.tensor([-2.0, -0.0, 0.5]))
@@ -22,15 +29,24 @@ tensor([-1.,  1.,  1.])
 
 from __future__ import annotations
 
-import functools
 import math
-import numbers
+import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
+from fxquant.quantizers._common import (
+    _check_clip,
+    _check_real,
+    _keep_nan,
+    _saturate_into,
+    _select,
+    _track_grad,
+    _window,
+)
 from fxquant.quantizers.base import Quantizer, check_floating, register
 
 __all__ = [
@@ -39,62 +55,9 @@ __all__ = [
     "default_transform", "get_progressive_sign_scale", "set_progressive_sign_scale",
 ]
 
-# Integer dtype of the same width as each float dtype, for the exact one-pass gradient select.
-_SAME_WIDTH_INT = {
-    torch.float16: torch.int16,
-    torch.bfloat16: torch.int16,
-    torch.float32: torch.int32,
-    torch.float64: torch.int64,
-}
-
 
 # ------------------------------------------------------------------------------------------------
-# Shared helpers (also used by fxquant.quantizers.ternary)
-
-
-def _check_real(value: object, who: str, arg: str, *, minimum: float | None = None,
-                allow_inf: bool = False) -> float:
-    """``float(value)`` if it is a real number (not bool, not NaN, >= minimum), else ValueError."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{who}: {arg} must be a real number, got {value!r}")
-    number = float(value)
-    if math.isnan(number) or (math.isinf(number) and not allow_inf):
-        raise ValueError(f"{who}: {arg} must be a finite real number, got {value!r}")
-    if minimum is not None and number < minimum:
-        raise ValueError(f"{who}: {arg} must be >= {minimum:g}, got {value!r}")
-    return number
-
-
-def _check_clip(clip_value: float | None, who: str) -> float | None:
-    """Validate ``clip_value``: None (no window) or a non-negative real (``inf`` allowed)."""
-    if clip_value is None:
-        return None
-    return _check_real(clip_value, who, "clip_value (None or a non-negative real)", minimum=0.0,
-                       allow_inf=True)
-
-
-@functools.cache
-def _saturating_factor(dtype: torch.dtype) -> float:
-    """The largest power of two ``B`` of ``dtype``; ``B*B*tiny >= 2`` for its smallest subnormal."""
-    return math.ldexp(1.0, math.frexp(torch.finfo(dtype).max)[1] - 1)
-
-
-def _saturate_into(src: Tensor, out: Tensor, bias: float | Tensor, low: float) -> Tensor:
-    """``out <- clamp(bias + B*B*src, low, 1)`` in two passes over memory (``out`` may be ``src``).
-
-    ``B*B`` pushes every non-zero finite value (subnormals included) to a magnitude of at least 2
-    (or to ``±inf``), so after the clamp it lands on ``low`` or ``1``; ``±0`` becomes ``bias``
-    (``-0 + 0`` is ``+0`` in IEEE arithmetic) and NaN stays NaN. With ``bias=1, low=-1`` this is
-    sign with 0 -> +1; with ``bias=0, low=0`` the Heaviside step; with ``bias=0, low=-1`` sign with
-    0 -> 0. One ``addcmul`` and one in-place clamp replace ``torch.where`` (several times slower
-    on CPU) and need no comparison mask. ``bias`` may be a 0-dim tensor of ``src``'s dtype.
-    """
-    big = _saturating_factor(src.dtype)
-    bias_t = (bias if isinstance(bias, Tensor)
-              else torch.full((), bias, dtype=src.dtype, device=src.device))
-    big_t = torch.full((), big, dtype=src.dtype, device=src.device)
-    torch.addcmul(bias_t, src, big_t, value=big, out=out)
-    return out.clamp_(low, 1.0)
+# Helpers
 
 
 def _binary_sign(x: Tensor) -> Tensor:
@@ -102,28 +65,24 @@ def _binary_sign(x: Tensor) -> Tensor:
     return _saturate_into(x, torch.empty_like(x), 1.0, -1.0)
 
 
-def _window(magnitude: Tensor, clip_value: float | None) -> Tensor | None:
-    """Bool mask ``magnitude <= clip_value`` (False at NaN), or None for no window."""
-    return None if clip_value is None else magnitude.le(clip_value)
+def _plain_sign(x: Tensor) -> Tensor:
+    """The inference form of the sign: ``torch.where(x >= 0, 1.0, -1.0)`` in x's dtype, NaN kept.
 
-
-def _select(window: Tensor, grad: Tensor) -> Tensor:
-    """``grad`` where ``window`` else ``+0``, exactly, as one fresh tensor.
-
-    Works on the bit patterns: the integer view of ``grad`` times the 0/1 mask keeps every bit
-    (NaN and ``±inf`` included) where the window is open and gives all-zero bits (``+0.0``) where it
-    is shut, so ``inf * 0 = NaN`` cannot occur. On CPU this costs about half of
-    ``torch.where(window, grad, 0)``.
+    The canonical pattern converters recognise, plus a dtype cast (``where`` of two Python
+    scalars is float32) and the NaN pass-through. Equal to :func:`_binary_sign` bit for bit.
     """
-    as_int = _SAME_WIDTH_INT.get(grad.dtype)
-    if as_int is None:  # an exotic float dtype: fall back to the plain select
-        return torch.where(window, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
-    return window.to(as_int).mul_(grad.view(as_int)).view(grad.dtype)
+    return _keep_nan(x, torch.where(x >= 0, 1.0, -1.0).type_as(x))
 
 
-def _track_grad(x: Tensor) -> bool:
-    """Whether autograd will ask for a gradient of ``x`` (else no backward mask is needed)."""
-    return torch.is_grad_enabled() and x.requires_grad
+def _channel_rows(magnitude: Tensor) -> Tensor:
+    """``magnitude`` as ``(dim 0, everything else)`` (rank 0 and 1: one element per row).
+
+    The per-channel mean of :class:`MagnitudeAwareSign` is taken over dim 1 of this 2-d view in
+    both the autograd forward and the inference form, so both reduce in the same order. The two
+    trailing unsqueezes make ``flatten(1)`` valid for every rank without branching on it, which
+    FX cannot trace.
+    """
+    return magnitude.unsqueeze(-1).unsqueeze(-1).flatten(1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -175,6 +134,10 @@ class SteSign(Quantizer):
 
     def forward(self, x: Tensor) -> Tensor:
         return ste_sign(x, self.clip_value)
+
+    def inference(self, x: Tensor) -> Tensor:
+        """Plain ops: ``torch.where(x >= 0, 1.0, -1.0)`` in x's dtype, NaN kept (see module doc)."""
+        return _plain_sign(x)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, clip_value={self.clip_value}"
@@ -228,6 +191,10 @@ class ApproxSign(Quantizer):
 
     def forward(self, x: Tensor) -> Tensor:
         return approx_sign(x)
+
+    def inference(self, x: Tensor) -> Tensor:
+        """Plain ops: ``torch.where(x >= 0, 1.0, -1.0)`` in x's dtype, NaN kept (see module doc)."""
+        return _plain_sign(x)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -294,6 +261,10 @@ class SwishSign(Quantizer):
     def forward(self, x: Tensor) -> Tensor:
         return swish_sign(x, self.beta)
 
+    def inference(self, x: Tensor) -> Tensor:
+        """Plain ops: ``torch.where(x >= 0, 1.0, -1.0)`` in x's dtype, NaN kept (see module doc)."""
+        return _plain_sign(x)
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, beta={self.beta}"
 
@@ -308,7 +279,8 @@ class _MagnitudeAwareSign(torch.autograd.Function):
         magnitude = torch.abs(x)
         window = _window(magnitude, clip_value)
         if x.dim() >= 2:  # one scale per output channel (dim 0 in torch layout)
-            scale = magnitude.mean(dim=tuple(range(1, x.dim())), keepdim=True)
+            per_row = _channel_rows(magnitude).mean(1, keepdim=True)  # shared with inference
+            scale = per_row.view(x.shape[:1] + (1,) * (x.dim() - 1))
             out = _saturate_into(x, magnitude, 1.0, -1.0)
         else:  # nothing to reduce over: the scale is abs(x) itself, as in larq
             scale = magnitude
@@ -358,6 +330,16 @@ class MagnitudeAwareSign(Quantizer):
 
     def forward(self, x: Tensor) -> Tensor:
         return magnitude_aware_sign(x, self.clip_value)
+
+    def inference(self, x: Tensor) -> Tensor:
+        """Plain ops: the where-form sign times ``alpha`` broadcast back to x's shape.
+
+        ``alpha`` is the mean of ``abs(x)`` over dim 1 of :func:`_channel_rows`, the same reduction
+        as the autograd forward; for rank 0 and 1 it is a mean of one element, i.e. ``abs(x)``.
+        """
+        rows = _channel_rows(torch.abs(x))
+        alpha = rows.mean(1, keepdim=True).expand_as(rows).reshape_as(x)
+        return _plain_sign(x) * alpha
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, clip_value={self.clip_value}"
@@ -412,6 +394,10 @@ class SteHeaviside(Quantizer):
 
     def forward(self, x: Tensor) -> Tensor:
         return ste_heaviside(x, self.clip_value)
+
+    def inference(self, x: Tensor) -> Tensor:
+        """Plain ops: ``torch.where(x > 0, 1.0, 0.0)`` in x's dtype (zeros ``+0``), NaN kept."""
+        return _keep_nan(x, torch.where(x > 0, 1.0, 0.0).type_as(x))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, clip_value={self.clip_value}"
@@ -549,6 +535,27 @@ class ProgressiveSign(Quantizer):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.quantize(x)
+
+    def inference(self, x: Tensor) -> Tensor:
+        """The eval forward in plain ops, whatever the mode: the where-form sign (``0 -> +1``)."""
+        return _plain_sign(x)
+
+    def get_config(self) -> dict[str, Any]:
+        """Constructor arguments as plain values; the callable ``custom_transform`` is dropped.
+
+        ``initial_scale`` is the current per-instance ``scale`` (None under global scaling, whose
+        process-wide value is not part of any config), so a rebuilt quantizer goes on where this
+        one is. ``custom_transform`` cannot be stored: it comes back as None, i.e. the default
+        transform, with a ``UserWarning``; pass it again when rebuilding. ``alpha`` and ``beta``
+        are stored as resolved (4.0 and 10.0 when None was given).
+        """
+        if self.custom_transform is not None:
+            warnings.warn("ProgressiveSign.get_config: custom_transform is a callable and is not "
+                          "stored; a quantizer rebuilt from this config uses the default "
+                          "transform unless custom_transform is passed again", stacklevel=2)
+        return {"use_global_scaling": self.use_global_scaling,
+                "initial_scale": None if self.use_global_scaling else self.current_scale,
+                "custom_transform": None, "alpha": self.alpha, "beta": self.beta}
 
     def extra_repr(self) -> str:
         transform = self.custom_transform

@@ -11,15 +11,16 @@ import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from fxquant.quantizers.base import Quantizer, check_floating, register
-from fxquant.quantizers.sign import (
+from fxquant.quantizers._common import (
     _check_clip,
     _check_real,
+    _keep_nan,
     _saturate_into,
     _select,
     _track_grad,
     _window,
 )
+from fxquant.quantizers.base import Quantizer, check_floating, register
 
 __all__ = ["ste_tern", "SteTern"]
 
@@ -31,6 +32,8 @@ def _twn_threshold(magnitude: Tensor) -> Tensor:
 
     The sum is accumulated in at least float32 (a float16 sum of a large tensor would overflow)
     and the result is rounded to ``x``'s dtype. It stays on the device: no host synchronisation.
+    FX-traceable (``dtype`` and ``numel`` become graph nodes), so :meth:`SteTern.inference`
+    computes Delta with this very function.
     """
     accumulate = torch.promote_types(magnitude.dtype, torch.float32)
     total = magnitude.sum(dtype=accumulate)
@@ -116,6 +119,23 @@ class SteTern(Quantizer):
 
     def forward(self, x: Tensor) -> Tensor:
         return ste_tern(x, self.threshold_value, self.ternary_weight_networks, self.clip_value)
+
+    def inference(self, x: Tensor) -> Tensor:
+        """Plain ops: ``(x >= Delta) - (x <= -Delta)`` in x's dtype, NaN kept.
+
+        The difference of the two comparisons is ``+1``, ``-1`` or ``+0`` (also ``1 - 1`` at
+        ``x = ±0`` when Delta is 0). A Python ``threshold_value`` is rounded to x's dtype by the
+        comparison itself, as the forward rounds it. With TWN, Delta is computed from ``x`` in the
+        graph by the forward's own :func:`_twn_threshold` (which records ``x.dtype`` and
+        ``x.numel()`` as nodes); a NaN Delta (a NaN anywhere in ``x``) makes every output NaN.
+        Equal to the eval forward bit for bit (a NaN output is the input's or Delta's NaN).
+        """
+        if self.ternary_weight_networks:  # a Python bool: fixed when the graph is traced
+            delta = _twn_threshold(torch.abs(x))
+            out = (x >= delta).type_as(x) - (x <= -delta).type_as(x)
+            return torch.where(torch.isnan(delta), delta, out)
+        out = (x >= self.threshold_value).type_as(x) - (x <= -self.threshold_value).type_as(x)
+        return _keep_nan(x, out)
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, threshold_value={self.threshold_value}, "

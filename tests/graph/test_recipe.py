@@ -16,7 +16,7 @@ from tests.models import MLP
 
 
 def _resolved(recipe: Recipe, path: str, module_type=nn.Conv2d, function=None, edge=False):
-    specs = recipe.resolve(LayerInfo(path, module_type, function, edge))
+    specs = recipe.resolve(LayerInfo(path, module_type, function, is_first=edge, is_last=edge))
     return {slot: (spec.quantizer if isinstance(spec.quantizer, str)
                    else type(spec.quantizer).__name__, spec.rule) for slot, spec in specs}
 
@@ -45,6 +45,16 @@ class TestPrecedence:
     ])
     def test_resolution(self, path, module_type, edge, expected):
         assert _resolved(self.recipe, path, module_type, edge=edge) == expected
+
+    def test_for_first_and_for_last(self):
+        r = (Recipe(weight="ste_sign", keep_first_last=True).for_first(input="ste_tern")
+             .for_last(output="dorefa"))
+        first = r.resolve(LayerInfo("a", nn.Linear, None, is_first=True))
+        last = r.resolve(LayerInfo("b", nn.Linear, None, is_last=True))
+        middle = r.resolve(LayerInfo("c", nn.Linear, None))
+        assert [(s, q.quantizer, q.rule) for s, q in first] == [("input", "ste_tern", "first")]
+        assert [(s, q.quantizer, q.rule) for s, q in last] == [("output", "dorefa", "last")]
+        assert [(s, q.quantizer) for s, q in middle] == [("weight", "ste_sign")]
 
     def test_later_rule_of_the_same_kind_wins(self):
         r = Recipe().for_name("a", weight="ste_sign").for_name("a", weight="ste_tern")
@@ -151,9 +161,12 @@ class TestPresets:
         prepared = fxquant.prepare(MLP(), Recipe.twn())
         assert prepared.fc2_weight_quantizer.ternary_weight_networks is True
 
-    def test_wage_quantizes_every_layer(self):
+    def test_wage_places_quantizers_as_qpytorch_vgg(self):
         prepared = fxquant.prepare(MLP(), Recipe.wage(bits_W=2, bits_A=8, bits_E=8))
         for layer in ("fc1", "fc2", "fc3"):
             assert getattr(prepared, f"{layer}_weight_quantizer").bits == 2
-            assert getattr(prepared, f"{layer}_output_quantizer").bits == 8
             assert hasattr(prepared, f"{layer}_error_quantizer")
+        assert prepared.fc1_input_quantizer.bits == 8  # QA on the network input only
+        assert not hasattr(prepared, "fc2_input_quantizer")
+        assert prepared.fc1_output_quantizer.bits == prepared.fc2_output_quantizer.bits == 8
+        assert not hasattr(prepared, "fc3_output_quantizer")  # logits: QE only

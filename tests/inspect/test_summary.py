@@ -79,3 +79,21 @@ def test_summary_returns_text_and_prints_nothing(capsys):
     text = fxquant.summary(fxquant.prepare(MLP(), fxquant.Recipe.bnn()))
     assert isinstance(text, str) and "fc2" in text
     assert capsys.readouterr().out == ""
+
+
+class TestConvertedModel:
+    def test_reports_the_bytes_really_stored(self):
+        model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1))
+        prepared = fxquant.prepare(model, fxquant.Recipe(weight="ste_sign"),
+                                   example_inputs=(torch.randn(1, 3, 32, 32),))
+        converted = fxquant.convert(prepared)
+        # 864 sign bits packed 8 per byte, a (32, 2) float32 table of per-channel values, bias
+        stored = 864 // 8 + 32 * 2 * 4 + 32 * 4
+        assert sum(t.numel() * t.element_size() for t in converted.state_dict().values()) == stored
+        (stats,) = layer_stats(converted)
+        assert stats.weight_count == 864 and stats.weight_bits == 1
+        assert stats.memory_bits == 8 * stored
+        assert stats.macs == 864 * 32 * 32
+        totals = _totals(fxquant.summary(converted))
+        assert totals["Model size"] == f"{stored:.2f} B"
+        assert totals["Total params"] == "896"

@@ -5,6 +5,7 @@ literal vector from the reference document (larq/bitorch tests, reference §1.13
 """
 
 import math
+import operator
 
 import pytest
 import torch
@@ -696,3 +697,213 @@ class TestProgressiveSign:
         x = edge_values(dtype)
         divisor = 1 - (1 - 4.0 ** (-10 * 0.07))
         exact(q(x), torch.clamp(x / divisor, -1, 1))
+
+
+# ------------------------------------------------------------------------------------------------
+# inference (plain-op eval forward), forward_is_identity, get_config
+
+
+class InferenceOf(torch.nn.Module):
+    """The tiny wrapper convert() traces: its forward is ``q.inference(x)``."""
+
+    def __init__(self, q):
+        super().__init__()
+        self.q = q
+
+    def forward(self, x):
+        return self.q.inference(x)
+
+
+def traced_inference(q):
+    """``q.inference`` traced by torch.fx.symbolic_trace (linted)."""
+    gm = torch.fx.symbolic_trace(InferenceOf(q))
+    gm.graph.lint()
+    return gm
+
+
+def assert_same_bits(actual, expected, label=""):
+    """Same dtype, shape and bit patterns (so -0 != +0); NaN matches NaN of any payload or sign.
+
+    NaN payloads are unspecified: the bfloat16 forward returns the canonical NaN for any NaN input,
+    ``inference`` passes the input's NaN through.
+    """
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, label
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True, msg=label)
+    as_int = {16: torch.int16, 32: torch.int32, 64: torch.int64}[torch.finfo(actual.dtype).bits]
+    keep = ~torch.isnan(expected)
+    assert torch.equal(actual[keep].view(as_int), expected[keep].view(as_int)), label
+
+
+def inference_inputs(dtype):
+    """(label, tensor) pairs: edge values in several ranks and layouts, random, rank 0, empty."""
+    edges = edge_values(dtype)
+    finite = edges[torch.isfinite(edges)]  # 14 values: no NaN/inf to spoil per-channel scales
+    gen = torch.Generator().manual_seed(21)
+    rand = (torch.randn(4, 3, 5, 5, generator=gen) * 2).to(dtype)
+    rand[0, 0, 0, :3] = torch.tensor([0.0, -0.0, 1.0])
+    return [
+        ("edges", edges),
+        ("edges 2x17", torch.cat([edges, edges.flip(0)]).view(2, 17)),
+        ("edges transposed", torch.cat([edges, edges.flip(0)]).view(2, 17).t()),
+        ("finite 4d", torch.cat([finite, -finite]).view(2, 2, 7, 1)),
+        ("finite 1 channel", finite.view(1, 14)),
+        ("random 4d", rand),
+        ("random channels_last", rand.to(memory_format=torch.channels_last)),
+        ("random transposed 2d", rand[:, :, 0, 0].t()),
+        ("random 1d", rand[1, 1, 1]),
+        ("rank 0 negative", torch.tensor(-0.75, dtype=dtype)),
+        ("rank 0 minus zero", torch.tensor(-0.0, dtype=dtype)),
+        ("rank 0 nan", torch.tensor(NAN, dtype=dtype)),
+        ("empty rows", torch.zeros(0, 3, dtype=dtype)),
+        ("empty columns", torch.zeros(3, 0, dtype=dtype)),
+    ]
+
+
+INFERENCE_CASES = {
+    "ste_sign": lambda: SteSign(),
+    "ste_sign(None)": lambda: SteSign(clip_value=None),
+    "approx_sign": lambda: ApproxSign(),
+    "swish_sign(2)": lambda: SwishSign(beta=2.0),
+    "magnitude_aware_sign": lambda: MagnitudeAwareSign(),
+    "magnitude_aware_sign(None)": lambda: MagnitudeAwareSign(clip_value=None),
+    "ste_heaviside": lambda: SteHeaviside(),
+    "progressive_sign": lambda: ProgressiveSign(),
+    "progressive_sign(0.5)": lambda: ProgressiveSign(use_global_scaling=False, initial_scale=0.5),
+}
+
+
+def graph_node(gm, target):
+    """The single call_function node of ``gm`` with this target."""
+    (node,) = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is target]
+    return node
+
+
+class TestInference:
+    @pytest.mark.parametrize("case", list(INFERENCE_CASES))
+    def test_traces_to_plain_function_and_method_calls_only(self, case):
+        gm = traced_inference(INFERENCE_CASES[case]())
+        ops = [n.op for n in gm.graph.nodes]
+        assert set(ops) <= {"placeholder", "call_function", "call_method", "output"}
+        assert ops.count("placeholder") == 1 and "call_function" in ops
+
+    @pytest.mark.parametrize("case", list(INFERENCE_CASES))
+    @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+    def test_traced_equals_eval_forward_bit_for_bit(self, case, dtype):
+        q = INFERENCE_CASES[case]()  # traced in training mode: inference must not depend on it
+        gm = traced_inference(q)
+        for label, x in inference_inputs(dtype):
+            expected = q.eval()(x)
+            assert_same_bits(gm(x), expected, f"{case} {dtype} {label}")
+            assert_same_bits(q.inference(x), expected, f"{case} {dtype} {label} (eager)")
+
+    @pytest.mark.parametrize("case", ["ste_sign", "approx_sign", "swish_sign(2)",
+                                      "magnitude_aware_sign", "progressive_sign"])
+    def test_sign_is_the_canonical_where_pattern(self, case):
+        gm = traced_inference(INFERENCE_CASES[case]())
+        where = [n for n in gm.graph.nodes if n.target is torch.where and n.args[1:] == (1.0, -1.0)]
+        assert len(where) == 1
+        (compare,) = where[0].args[:1]
+        assert compare.target is operator.ge and compare.args[1] == 0
+        assert compare.args[0].op == "placeholder"
+
+    def test_heaviside_is_a_where_on_x_greater_than_zero(self):
+        gm = traced_inference(SteHeaviside())
+        where = [n for n in gm.graph.nodes if n.target is torch.where and n.args[1:] == (1.0, 0.0)]
+        assert len(where) == 1
+        assert where[0].args[0].target is operator.gt and where[0].args[0].args[1] == 0
+
+    @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+    def test_sign_inference_matches_oracle(self, dtype):
+        x = edge_values(dtype)
+        assert_same_bits(SteSign().inference(x), sign_oracle(x))
+        heaviside = torch.where(torch.isnan(x), x, (x > 0).to(dtype))
+        assert_same_bits(SteHeaviside().inference(x), heaviside)
+
+    def test_zeros_come_out_positive(self):
+        x = torch.tensor([-0.0, 0.0, -1.4e-45])
+        exact(SteSign().inference(x), torch.tensor([1.0, 1.0, -1.0]))
+        out = SteHeaviside().inference(x)
+        exact(out, torch.zeros(3))
+        assert not torch.signbit(out).any()
+
+    def test_magnitude_aware_inference_matches_per_channel_oracle(self):
+        w = torch.tensor([[1.0, -3.0], [0.5, 0.0], [-0.25, -0.25], [NAN, 1.0]])
+        exact(MagnitudeAwareSign().inference(w),
+              torch.tensor([[2.0, -2.0], [0.25, 0.25], [-0.25, -0.25], [NAN, NAN]]))
+        exact(MagnitudeAwareSign().inference(torch.tensor([-2.0, 0.0, 0.75])),
+              torch.tensor([-2.0, 0.0, 0.75]))
+
+    def test_progressive_sign_inference_is_the_eval_sign_in_training_mode(self):
+        q = ProgressiveSign(use_global_scaling=False, initial_scale=0.05).train()
+        x = torch.tensor([-0.3, -0.0, 0.1, NAN])
+        exact(q.inference(x), torch.tensor([-1.0, 1.0, 1.0, NAN]))
+        assert q.training  # inference does not switch the mode
+        exact(q(x), torch.tensor([-0.6, 0.0, 0.2, NAN]))  # while the training forward is not sign
+
+
+class TestForwardIsIdentity:
+    @pytest.mark.parametrize("case", list(INFERENCE_CASES))
+    def test_no_sign_quantizer_has_an_identity_forward(self, case):
+        assert INFERENCE_CASES[case]().forward_is_identity() is False
+
+
+def plain(value):
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
+class TestConfig:
+    @pytest.mark.parametrize(("make", "expected"), [
+        (lambda: SteSign(), {"clip_value": 1.0}),
+        (lambda: SteSign(clip_value=None), {"clip_value": None}),
+        (lambda: SteSign(clip_value=2), {"clip_value": 2.0}),
+        (lambda: ApproxSign(), {}),
+        (lambda: SwishSign(beta=10), {"beta": 10.0}),
+        (lambda: MagnitudeAwareSign(0.5), {"clip_value": 0.5}),
+        (lambda: SteHeaviside(INF), {"clip_value": INF}),
+        (lambda: ProgressiveSign(), {"use_global_scaling": True, "initial_scale": None,
+                                     "custom_transform": None, "alpha": 4.0, "beta": 10.0}),
+        (lambda: ProgressiveSign(use_global_scaling=False, initial_scale=0.25, alpha=2, beta=3),
+         {"use_global_scaling": False, "initial_scale": 0.25, "custom_transform": None,
+          "alpha": 2.0, "beta": 3.0}),
+    ])
+    def test_get_config_values_are_plain(self, make, expected):
+        config = make().get_config()
+        assert config == expected
+        assert all(plain(v) for v in config.values())
+
+    @pytest.mark.parametrize("case", list(INFERENCE_CASES))
+    @pytest.mark.parametrize("training", [True, False])
+    def test_round_trip_rebuilds_an_equal_quantizer(self, case, training):
+        q = INFERENCE_CASES[case]()
+        rebuilt = type(q)(**q.get_config())
+        assert type(rebuilt) is type(q) and rebuilt.get_config() == q.get_config()
+        assert rebuilt.extra_repr() == q.extra_repr()
+        x = random_with_zeros(22) * 0.1  # small: ProgressiveSign's train forward is not binary
+        upstream = random_with_zeros(23)
+        out, grad = forward_backward(q.train(training), x, upstream)
+        out_r, grad_r = forward_backward(rebuilt.train(training), x, upstream)
+        exact(out_r, out)
+        exact(grad_r, grad)
+
+    def test_progressive_sign_config_carries_the_current_instance_scale(self):
+        q = ProgressiveSign(use_global_scaling=False)
+        q.scale = 0.05  # a scheduler moved it
+        config = q.get_config()
+        assert config["initial_scale"] == 0.05
+        rebuilt = ProgressiveSign(**config)
+        x = torch.tensor([0.01, -0.3, 2.0])
+        exact(rebuilt(x), q(x))
+        exact(rebuilt(x), torch.tensor([0.02, -0.6, 1.0]))
+
+    def test_progressive_sign_config_drops_custom_transform_with_a_warning(self):
+        def ramp(s):
+            return s
+
+        q = ProgressiveSign(use_global_scaling=False, initial_scale=0.2, custom_transform=ramp)
+        with pytest.warns(UserWarning, match="custom_transform"):
+            config = q.get_config()
+        assert config["custom_transform"] is None and all(plain(v) for v in config.values())
+        rebuilt = ProgressiveSign(**config)
+        x = torch.tensor([0.1, -0.3])
+        exact(rebuilt.eval()(x), q.eval()(x))  # the eval forward is sign either way
+        exact(ProgressiveSign(**{**config, "custom_transform": ramp})(x), q.train()(x))

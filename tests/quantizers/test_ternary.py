@@ -5,6 +5,7 @@ the TWN threshold recomputed with NumPy float32 arithmetic.
 """
 
 import math
+import operator
 
 import numpy as np
 import pytest
@@ -265,3 +266,166 @@ class TestSteTernModule:
             SteTern(**kwargs)
         with pytest.raises(ValueError, match="ste_tern"):
             ste_tern(torch.ones(2), **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------
+# inference (plain-op eval forward), forward_is_identity, get_config
+
+
+class InferenceOf(torch.nn.Module):
+    """The tiny wrapper convert() traces: its forward is ``q.inference(x)``."""
+
+    def __init__(self, q):
+        super().__init__()
+        self.q = q
+
+    def forward(self, x):
+        return self.q.inference(x)
+
+
+def traced_inference(q):
+    gm = torch.fx.symbolic_trace(InferenceOf(q))
+    gm.graph.lint()
+    return gm
+
+
+def assert_same_bits(actual, expected, label=""):
+    """Same dtype, shape and bit patterns (so -0 != +0); NaN matches NaN of any payload or sign.
+
+    NaN payloads are unspecified: with TWN the forward's NaN at a ±inf element comes from
+    ``0 * inf``, the inference's from Delta; the bfloat16 forward canonicalises every NaN.
+    """
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, label
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True, msg=label)
+    as_int = {16: torch.int16, 32: torch.int32, 64: torch.int64}[torch.finfo(actual.dtype).bits]
+    keep = ~torch.isnan(expected)
+    assert torch.equal(actual[keep].view(as_int), expected[keep].view(as_int)), label
+
+
+INFERENCE_CASES = {
+    "default": {},
+    "larq 0.05": {"threshold_value": 0.05},
+    "zero": {"threshold_value": 0.0},
+    "tiny 1e-46": {"threshold_value": 1e-46},  # 0 in float32 and below, not in float64
+    "1e5": {"threshold_value": 1e5},  # inf in float16
+    "inf": {"threshold_value": INF},
+    "clip None": {"clip_value": None},
+    "twn": {"ternary_weight_networks": True},
+}
+
+
+def inference_inputs(dtype, threshold):
+    """Edge values and ±Delta with one ulp either side (Delta in ``dtype``), in several shapes."""
+    d = in_dtype(threshold, dtype)
+    near = [d, -d, up(d, dtype), -up(d, dtype), down(d, dtype), -down(d, dtype)] if d > 0 else []
+    big = torch.finfo(dtype).max
+    tiny = up(0.0, dtype)
+    values = near + [0.0, -0.0, tiny, -tiny, 1.0, -1.0, 0.3, -0.3, big, -big, INF, -INF, NAN]
+    edges = torch.tensor(values, dtype=dtype)
+    finite = edges[torch.isfinite(edges)]
+    gen = torch.Generator().manual_seed(31)
+    rand = (torch.randn(4, 3, 5, 5, generator=gen) * 0.2).to(dtype)
+    return [
+        ("edges", edges),
+        ("edges 2d", torch.cat([edges, edges]).view(2, -1)),
+        ("edges transposed", torch.cat([edges, edges]).view(2, -1).t()),
+        ("finite", finite),
+        ("random 4d", rand),
+        ("random channels_last", rand.to(memory_format=torch.channels_last)),
+        ("random transposed", rand[:, :, 0, 0].t()),
+        ("rank 0", torch.tensor(-0.5, dtype=dtype)),
+        ("empty", torch.zeros(0, 3, dtype=dtype)),
+    ]
+
+
+class TestSteTernInference:
+    @pytest.mark.parametrize("case", list(INFERENCE_CASES))
+    def test_traces_to_plain_function_and_method_calls_only(self, case):
+        gm = traced_inference(SteTern(**INFERENCE_CASES[case]))
+        ops = [n.op for n in gm.graph.nodes]
+        assert set(ops) <= {"placeholder", "call_function", "call_method", "output"}
+        assert ops.count("placeholder") == 1 and "call_function" in ops
+
+    @pytest.mark.parametrize("case", list(INFERENCE_CASES))
+    @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+    def test_traced_equals_eval_forward_bit_for_bit(self, case, dtype):
+        q = SteTern(**INFERENCE_CASES[case])
+        gm = traced_inference(q)
+        for label, x in inference_inputs(dtype, q.threshold_value):
+            expected = q.eval()(x)
+            assert_same_bits(gm(x), expected, f"{case} {dtype} {label}")
+            assert_same_bits(q.inference(x), expected, f"{case} {dtype} {label} (eager)")
+
+    @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+    def test_threshold_inference_matches_oracle(self, dtype):
+        d = in_dtype(0.1, dtype)
+        x = torch.tensor([d, -d, down(d, dtype), -down(d, dtype), up(d, dtype), 0.0, -0.0, NAN,
+                          INF, -INF], dtype=dtype)
+        assert_same_bits(SteTern().inference(x), tern_oracle(x, d))
+
+    def test_threshold_graph_is_two_comparisons(self):
+        gm = traced_inference(SteTern(threshold_value=0.25))
+        ge = [n for n in gm.graph.nodes if n.target is operator.ge]
+        le = [n for n in gm.graph.nodes if n.target is operator.le]
+        assert len(ge) == 1 and ge[0].args[1] == 0.25
+        assert len(le) == 1 and le[0].args[1] == -0.25
+
+    def test_zero_threshold_maps_zeros_to_positive_zero(self):
+        out = SteTern(threshold_value=0.0).inference(torch.tensor([-0.0, 0.0, -1.4e-45, 2.0]))
+        exact(out, torch.tensor([0.0, 0.0, -1.0, 1.0]))
+        assert not torch.signbit(out[:2]).any()
+
+    @pytest.mark.parametrize(("values", "expected"), [
+        ([0.5384615063667297, 1.0], [1.0, 1.0]),  # element exactly at Delta
+        ([-0.5384615063667297, 1.0], [-1.0, 1.0]),  # exactly at -Delta
+        ([0.538461446762085, 1.0], [0.0, 1.0]),  # one ulp below Delta
+    ])
+    def test_twn_ties_computed_in_the_graph(self, values, expected):
+        gm = traced_inference(SteTern(ternary_weight_networks=True))
+        exact(gm(torch.tensor(values)), torch.tensor(expected))
+
+    def test_twn_threshold_is_recomputed_per_input(self):
+        gm = traced_inference(SteTern(ternary_weight_networks=True))
+        x = torch.tensor([0.5, -0.3, 0.2, 1.0])  # Delta = 0.35
+        exact(gm(x), torch.tensor([1.0, 0.0, 0.0, 1.0]))
+        exact(gm(x * 10), torch.tensor([1.0, 0.0, 0.0, 1.0]))
+        x = torch.tensor([0.5, -0.3, 0.2, 0.1])  # Delta = 0.7 * 1.1 / 4 = 0.1925
+        exact(gm(x), torch.tensor([1.0, -1.0, 1.0, 0.0]))
+
+    def test_twn_nan_anywhere_and_float16_sum(self):
+        q = SteTern(ternary_weight_networks=True)
+        exact(q.inference(torch.tensor([[1.0, NAN], [0.0, -3.0]])), torch.full((2, 2), NAN))
+        x = torch.ones(100_000, dtype=torch.float16)  # sum 1e5 > float16 max: float32 sum
+        x[::2] = -1.0
+        x[1] = 0.5
+        exact(q.inference(x)[:4], torch.tensor([-1.0, 0.0, -1.0, 1.0], dtype=torch.float16))
+
+    def test_forward_is_not_identity(self):
+        assert SteTern().forward_is_identity() is False
+        assert SteTern(ternary_weight_networks=True).forward_is_identity() is False
+
+
+class TestSteTernConfig:
+    @pytest.mark.parametrize(("kwargs", "expected"), [
+        ({}, {"threshold_value": 0.1, "ternary_weight_networks": False, "clip_value": 1.0}),
+        ({"threshold_value": 1, "ternary_weight_networks": True, "clip_value": None},
+         {"threshold_value": 1.0, "ternary_weight_networks": True, "clip_value": None}),
+        ({"threshold_value": INF, "clip_value": 0},
+         {"threshold_value": INF, "ternary_weight_networks": False, "clip_value": 0.0}),
+    ])
+    def test_get_config_values_are_plain(self, kwargs, expected):
+        config = SteTern(**kwargs).get_config()
+        assert config == expected
+        assert all(type(v) in (bool, float, type(None)) for v in config.values())
+
+    @pytest.mark.parametrize("case", list(INFERENCE_CASES))
+    def test_round_trip_rebuilds_an_equal_quantizer(self, case):
+        q = SteTern(**INFERENCE_CASES[case])
+        rebuilt = SteTern(**q.get_config())
+        assert rebuilt.get_config() == q.get_config() and rebuilt.extra_repr() == q.extra_repr()
+        x = random_with_zeros(32)
+        upstream = random_with_zeros(33)
+        out, grad = forward_backward(q, x, upstream)
+        out_r, grad_r = forward_backward(rebuilt, x, upstream)
+        exact(out_r, out)
+        exact(grad_r, grad)

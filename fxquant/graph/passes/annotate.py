@@ -23,7 +23,7 @@ def annotate_layers(gm: torch.fx.GraphModule, recipe: Recipe) -> torch.fx.GraphM
     found = [(node, match) for node in gm.graph.nodes
              if (match := match_layer(node, modules)) is not None]
     last = len(found) - 1
-    infos = [LayerInfo(m.path, m.module_type, m.function, first_or_last=i in (0, last))
+    infos = [LayerInfo(m.path, m.module_type, m.function, is_first=i == 0, is_last=i == last)
              for i, (_, m) in enumerate(found)]
     unmatched = recipe.unmatched_rules(infos)
     if unmatched and recipe.strict:

@@ -75,7 +75,8 @@ def fold_weight_quantizers(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
             with gm.graph.inserting_before(node):
                 source = gm.graph.get_attr(f"{target.rpartition('.')[0]}.{name}".lstrip("."))
         set_record(source, QuantRecord("folded_weight", record.layer, record.op, record.module,
-                                       quantizer=record.quantizer, bits=record.bits))
+                                       quantizer=record.quantizer, bits=record.bits,
+                                       tensors=(str(source.target),), numel=value.numel()))
         node.replace_all_uses_with(source)
         gm.graph.erase_node(node)
     _replace_called_module_types(gm, {t.rpartition(".")[0] for t in latents})

@@ -108,7 +108,7 @@ def pack_weights(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         unpack = functools.partial(_unpack, shape=tuple(weight.shape), bits=record.bits)
         unpacked = _inline(gm, node, unpack, [c, t], target.replace(".", "_"))
         unpacked.meta.update(node.meta)
-        update_record(unpacked, role="packed_weight")
+        update_record(unpacked, role="packed_weight", tensors=(str(c.target), str(t.target)))
         node.replace_all_uses_with(unpacked)
         gm.graph.erase_node(node)
     return gm
