@@ -17,6 +17,9 @@ import torch
 
 from benchmarks.common import timeit, write
 from fxquant import Recipe, prepare
+from fxquant.graph.clone import clone_module
+from fxquant.graph.pipeline import PREPARE
+from fxquant.graph.tracer import trace
 from tests.models import ResNet
 
 SIZES = {"1.5k": 54, "6k": 214}  # BasicBlocks per stage -> 1,526 and 6,006 traced nodes
@@ -32,6 +35,25 @@ def _ao_prepare(model: torch.nn.Module) -> None:
                        example_inputs=(torch.randn(1, 3, 32, 32),))
 
 
+def _breakdown(model: torch.nn.Module) -> dict[str, float]:
+    """Where prepare's time goes: clone, trace (+ GraphModule), the passes, the final recompile."""
+    copy = timeit(lambda: clone_module(model), repeat=3)["median_s"]
+    traced = timeit(lambda: trace(model), repeat=3)["median_s"]
+
+    def passes_only() -> None:
+        gm = trace(clone_module(model))
+        for p in PREPARE:
+            gm = p(gm, Recipe.bnn())
+
+    passes = timeit(passes_only, repeat=3)["median_s"] - copy - traced
+    gm = trace(clone_module(model))
+    for p in PREPARE:
+        gm = p(gm, Recipe.bnn())
+    recompile = timeit(gm.recompile, repeat=3)["median_s"]
+    return {"clone_s": copy, "trace_and_graphmodule_s": traced, "passes_s": passes,
+            "final_recompile_s": recompile, "prepared_nodes": len(gm.graph.nodes)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--skip-ao", action="store_true", help="skip torch.ao (slow: ~90 s)")
@@ -43,7 +65,8 @@ def main() -> None:
         floor = timeit(lambda m=model: torch.fx.symbolic_trace(m), repeat=5)
         ours = timeit(lambda m=model: prepare(m, Recipe.bnn()), repeat=5)
         row = {"fx_nodes": nodes, "symbolic_trace": floor, "fxquant_prepare": ours,
-               "ratio_to_trace_floor": ours["median_s"] / floor["median_s"]}
+               "ratio_to_trace_floor": ours["median_s"] / floor["median_s"],
+               "breakdown": _breakdown(model)}
         if not args.skip_ao:
             ao = timeit(lambda m=model: _ao_prepare(m), repeat=1, warmup=0)
             row["torch_ao_prepare_qat_fx"] = ao
