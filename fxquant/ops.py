@@ -10,7 +10,8 @@ bits)`` gives back ``w`` exactly (the table holds the very float values, so no a
   WAGE). A table is the general form of "integer codes with a scale": it also covers grids with
   an offset such as DoReFa's ``2·i/n − 1``.
 
-``unpack`` uses only plain tensor ops, so converted graphs export with ``torch.export``.
+``unpack`` uses only plain tensor ops, so converted graphs export with ``torch.export``. In a
+converted graph a :class:`PackedWeight` module holds the codes and table and unpacks them once.
 
 >>> w = torch.tensor([[1., -1., 1.], [-.5, .5, .5]])
 >>> codes, table = pack(w, 1)
@@ -23,8 +24,9 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import nn
 
-__all__ = ["pack", "unpack", "packable_bits", "CannotPack"]
+__all__ = ["pack", "unpack", "packable_bits", "CannotPack", "PackedWeight"]
 
 packable_bits = range(1, 9)
 
@@ -78,3 +80,53 @@ def unpack(codes: torch.Tensor, table: torch.Tensor, shape: tuple[int, ...], bit
         flat = codes.view(shape[0], -1).bool()
         return torch.where(flat, table[:, 1:2], table[:, 0:1]).view(shape)
     return table[codes.long()].view(shape)
+
+
+class PackedWeight(nn.Module):
+    """A packed low-bit weight in a converted graph: ``forward()`` returns the exact weight.
+
+    ``codes`` and ``table`` are the persistent buffers (what the state_dict and files hold). The
+    unpacked float tensor is a non-persistent buffer computed when the module is built, loaded
+    (``load_state_dict``) or unpickled, so eager inference does not unpack on every call and
+    ``forward`` mutates nothing (``torch.export`` sees a constant). It follows ``.to()`` and is
+    never saved. After changing ``codes`` in place, call :meth:`refresh`.
+    """
+
+    unpacked: torch.Tensor
+
+    def __init__(self, codes: torch.Tensor, table: torch.Tensor, shape: tuple[int, ...],
+                 bits: int) -> None:
+        super().__init__()
+        self.register_buffer("codes", codes)
+        self.register_buffer("table", table)
+        self.shape = tuple(int(d) for d in shape)
+        self.bits = int(bits)
+        self.register_buffer("unpacked", self._unpack(), persistent=False)
+        self.register_load_state_dict_post_hook(PackedWeight._refresh_after_load)
+
+    def _unpack(self) -> torch.Tensor:
+        with torch.inference_mode(False), torch.no_grad():
+            return unpack(self.codes, self.table, self.shape, self.bits)
+
+    def refresh(self) -> None:
+        """Recompute the unpacked weight from ``codes`` and ``table``."""
+        self.unpacked = self._unpack()
+
+    @staticmethod
+    def _refresh_after_load(module: nn.Module, incompatible_keys: object) -> None:
+        module.refresh()
+
+    def forward(self) -> torch.Tensor:
+        return self.unpacked
+
+    def __getstate__(self) -> dict[str, object]:
+        state = self.__dict__.copy()
+        state["_buffers"] = {k: v for k, v in state["_buffers"].items() if k != "unpacked"}
+        return state
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        super().__setstate__(state)
+        self._buffers["unpacked"] = self._unpack()
+
+    def extra_repr(self) -> str:
+        return f"shape={self.shape}, bits={self.bits}"

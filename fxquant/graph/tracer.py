@@ -16,6 +16,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from fxquant.ops import PackedWeight
 from fxquant.quantizers.base import Quantizer
 
 __all__ = ["QuantTracer", "TracingError", "trace"]
@@ -47,7 +48,7 @@ class QuantTracer(torch.fx.Tracer):
         self.failed_path: str | None = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if isinstance(m, Quantizer) or module_qualified_name in self.leaf_names:
+        if isinstance(m, (Quantizer, PackedWeight)) or module_qualified_name in self.leaf_names:
             return True
         if self.leaf_types and isinstance(m, self.leaf_types):
             return True

@@ -97,7 +97,8 @@ def _keep_nan(x: Tensor, out: Tensor) -> Tensor:
     """Plain-op inference: ``out``, except ``x`` itself where ``x`` is NaN (FX-traceable).
 
     Comparisons are False at NaN, so the ``torch.where`` forms map NaN to a grid value; the
-    autograd forwards propagate it. The NaN returned is the input's own: the forwards return the
-    same NaN quieted by arithmetic, which is the same bits for every quiet NaN.
+    autograd forwards propagate it. The NaN returned is the input's own; the forwards return one
+    made by arithmetic (the same bits for a quiet float16/32/64 NaN, the canonical ``+NaN`` in
+    bfloat16), so NaN sign and payload bits are unspecified.
     """
     return torch.where(torch.isnan(x), x, out)

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
 
 import torch
+import torch.fx
 from torch import nn
 
 __all__ = ["Quantizer", "register", "get", "names", "check_floating"]
@@ -40,10 +41,17 @@ class Quantizer(nn.Module):
     and an instance attribute ``bits``: the number of bits one quantized value needs (1 for binary,
     2 for ternary, k for k-bit grids; 32 for quantizers whose output is not on a fixed grid).
     A quantizer holds no persistent state unless it learns something.
+
+    ``enabled`` (default True) switches the quantizer off: while it is False, calling the module
+    returns its input unchanged (the same tensor object, so gradients flow as in the float model)
+    without running ``forward`` or hooks. It is a plain attribute, checked only in
+    :meth:`__call__`, not part of the ``state_dict`` or of :meth:`get_config`; deepcopy and pickle
+    keep it. Use :func:`fxquant.training.set_quantizers_enabled` to flip it on a prepared model.
     """
 
     name: ClassVar[str] = ""
     bits: int
+    enabled: bool = True  # class default: also instances unpickled from before the flag existed
 
     def __init__(self, bits: int) -> None:
         super().__init__()
@@ -51,8 +59,18 @@ class Quantizer(nn.Module):
             raise ValueError(f"{type(self).__name__}: bits must be an int >= 1, got {bits!r}")
         self.bits = bits
 
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the module; while ``enabled`` is False, return the input unchanged instead.
+
+        A ``torch.fx.Proxy`` input always goes through, so tracing a model keeps the quantizer's
+        ``call_module`` node whatever its state.
+        """
+        if not self.enabled and args and not isinstance(args[0], torch.fx.Proxy):
+            return args[0]
+        return super().__call__(*args, **kwargs)
+
     def extra_repr(self) -> str:
-        return f"bits={self.bits}"
+        return f"bits={self.bits}" if self.enabled else f"bits={self.bits}, enabled=False"
 
     def inference(self, x: torch.Tensor) -> torch.Tensor:
         """The eval-mode forward as plain torch ops (no custom autograd), FX-traceable.

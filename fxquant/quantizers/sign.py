@@ -19,8 +19,9 @@ Conventions shared by the whole family (larq semantics unless a docstring says o
   match), cast to x's dtype, then ``torch.where(torch.isnan(x), x, ...)`` for NaN; the Heaviside
   step as ``torch.where(x > 0, 1.0, 0.0)`` likewise. The autograd forwards keep their faster
   saturating ``clamp(bias + B*B*x)`` (no comparison, no ``where``). Both agree bit for bit on
-  every input, NaN included: a NaN output is the input's NaN (quieted by the forward's arithmetic,
-  returned as is by ``inference``, so a signalling NaN input is the one difference in bits).
+  every input (``±0``, subnormals, ``±inf``, every dtype and memory format); NaN gives NaN in
+  both, but its sign and payload bits are unspecified: ``inference`` returns the input's NaN, the
+  forward one made by arithmetic (in bfloat16 always the canonical ``+NaN``).
 
 >>> import torch
 >>> ste_sign(torch.tensor([-2.0, -0.0, 0.5]))
@@ -69,7 +70,8 @@ def _plain_sign(x: Tensor) -> Tensor:
     """The inference form of the sign: ``torch.where(x >= 0, 1.0, -1.0)`` in x's dtype, NaN kept.
 
     The canonical pattern converters recognise, plus a dtype cast (``where`` of two Python
-    scalars is float32) and the NaN pass-through. Equal to :func:`_binary_sign` bit for bit.
+    scalars is float32) and the NaN pass-through. Equal to :func:`_binary_sign` bit for bit
+    (NaN payloads aside).
     """
     return _keep_nan(x, torch.where(x >= 0, 1.0, -1.0).type_as(x))
 
@@ -306,6 +308,10 @@ def magnitude_aware_sign(x: Tensor, clip_value: float | None = 1.0) -> Tensor:
     (larq reduces over every axis but the *last*, which is the same thing for Keras kernels
     ``(..., in, out)``.) For a rank-0 or rank-1 input there is nothing to reduce over and
     ``alpha = abs(x)`` elementwise, as larq degenerates. ``alpha`` is not differentiated.
+    It is the mean over dim 1 of the ``(out, rest)`` flattening of ``abs(x)``, so the summation
+    order is the logical one whatever the memory format (a ``channels_last`` input gives the same
+    bits as a contiguous one, at the cost of one copy of ``abs(x)``), and
+    :meth:`MagnitudeAwareSign.inference` repeats it exactly.
 
     Forward: ``alpha * sign(x)`` with ``sign(±0) = +1``, so 0 maps to ``+alpha``; a NaN anywhere
     in a channel makes that channel's ``alpha``, and so its whole output, NaN.

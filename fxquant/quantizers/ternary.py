@@ -128,7 +128,8 @@ class SteTern(Quantizer):
         comparison itself, as the forward rounds it. With TWN, Delta is computed from ``x`` in the
         graph by the forward's own :func:`_twn_threshold` (which records ``x.dtype`` and
         ``x.numel()`` as nodes); a NaN Delta (a NaN anywhere in ``x``) makes every output NaN.
-        Equal to the eval forward bit for bit (a NaN output is the input's or Delta's NaN).
+        Equal to the eval forward bit for bit, except NaN sign and payload bits, which are
+        unspecified (the input's or Delta's NaN here, an arithmetic one in the forward).
         """
         if self.ternary_weight_networks:  # a Python bool: fixed when the graph is traced
             delta = _twn_threshold(torch.abs(x))

@@ -77,8 +77,8 @@ class TestLowering:
         converted = fxquant.convert(_trained(MLP(), fxquant.Recipe.bnn(), torch.randn(4, 64)))
         names = dict(converted.named_parameters())
         assert "fc2.weight" not in names and "fc2.weight" not in converted.state_dict()
-        assert {"fc2.weight_codes", "fc2.weight_table"} <= set(converted.state_dict())
-        assert converted.state_dict()["fc2.weight_codes"].dtype == torch.uint8
+        assert {"fc2.weight_packed.codes", "fc2.weight_packed.table"} <= set(converted.state_dict())
+        assert converted.state_dict()["fc2.weight_packed.codes"].dtype == torch.uint8
         assert not any(isinstance(m, fxquant.quantizers.Quantizer) for m in converted.modules())
         assert "torch.where" in converted.code and "quantizer" not in converted.code
         roles = {get_record(n).role for n in converted.graph.nodes if get_record(n)}

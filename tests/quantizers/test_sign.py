@@ -833,6 +833,17 @@ class TestInference:
         exact(MagnitudeAwareSign().inference(torch.tensor([-2.0, 0.0, 0.75])),
               torch.tensor([-2.0, 0.0, 0.75]))
 
+    def test_magnitude_aware_scale_does_not_depend_on_memory_format(self):
+        gen = torch.Generator().manual_seed(24)
+        w = torch.randn(2, 16, 8, 8, generator=gen)  # mean(dim=(1, 2, 3)) differs by an ulp here
+        w_cl = w.to(memory_format=torch.channels_last)
+        q = MagnitudeAwareSign()
+        assert_same_bits(magnitude_aware_sign(w_cl), magnitude_aware_sign(w))
+        assert_same_bits(q.inference(w_cl), magnitude_aware_sign(w))
+        alpha = w.double().abs().mean(dim=(1, 2, 3)).float()
+        torch.testing.assert_close(magnitude_aware_sign(w).abs().amax(dim=(1, 2, 3)), alpha,
+                                   rtol=2e-7, atol=0)
+
     def test_progressive_sign_inference_is_the_eval_sign_in_training_mode(self):
         q = ProgressiveSign(use_global_scaling=False, initial_scale=0.05).train()
         x = torch.tensor([-0.3, -0.0, 0.1, NAN])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import warnings
 from collections.abc import Callable
 
@@ -80,10 +79,8 @@ def lower_activation_quantizers(gm: torch.fx.GraphModule) -> torch.fx.GraphModul
 
 
 def pack_weights(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """Folded weights of 1 to 8 bits become packed codes + value table, unpacked in the graph.
-
-    The ops of :func:`fxquant.ops.unpack` are inlined, so the converted graph needs nothing but
-    torch to run, export, pickle or write out with ``to_folder``.
+    """Folded weights of 1 to 8 bits become a :class:`fxquant.ops.PackedWeight` submodule
+    ``<owner>.<name>_packed`` (codes + value table) whose call in the graph yields the exact weight.
     """
     for node in list(gm.graph.nodes):
         record = get_record(node)
@@ -99,24 +96,15 @@ def pack_weights(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
             warnings.warn(f"{record.layer}: weight kept unpacked ({err})", stacklevel=2)
             continue
         delattr(owner, attr)
-        owner.register_buffer(f"{attr}_codes", codes)
-        owner.register_buffer(f"{attr}_table", table)
-        prefix = f"{owner_path}." if owner_path else ""
+        name = f"{owner_path}.{attr}_packed" if owner_path else f"{attr}_packed"
+        gm.add_submodule(name, ops.PackedWeight(codes, table, tuple(weight.shape), record.bits))
         with gm.graph.inserting_before(node):
-            c = gm.graph.get_attr(f"{prefix}{attr}_codes")
-            t = gm.graph.get_attr(f"{prefix}{attr}_table")
-        unpack = functools.partial(_unpack, shape=tuple(weight.shape), bits=record.bits)
-        unpacked = _inline(gm, node, unpack, [c, t], target.replace(".", "_"))
+            unpacked = gm.graph.call_module(name)
         unpacked.meta.update(node.meta)
-        update_record(unpacked, role="packed_weight", tensors=(str(c.target), str(t.target)))
+        update_record(unpacked, role="packed_weight", tensors=(f"{name}.codes", f"{name}.table"))
         node.replace_all_uses_with(unpacked)
         gm.graph.erase_node(node)
     return gm
-
-
-def _unpack(codes: torch.Tensor, table: torch.Tensor, *, shape: tuple[int, ...], bits: int
-            ) -> torch.Tensor:
-    return ops.unpack(codes, table, shape, bits)
 
 
 def eliminate_dead_code(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
