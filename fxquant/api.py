@@ -98,7 +98,7 @@ def convert(prepared: torch.fx.GraphModule) -> torch.fx.GraphModule:
     if is_converted(prepared):
         raise ValueError("this model is already converted")
     with _paused_gc():
-        gm = copy.deepcopy(prepared).eval()
+        gm = _copy_graph_module(prepared).eval()
     config = getattr(prepared, io.CONFIG_ATTR, None)
     if config is not None and "error" not in config:
         try:
@@ -109,6 +109,12 @@ def convert(prepared: torch.fx.GraphModule) -> torch.fx.GraphModule:
         gm = run(gm, LOWER)
     setattr(gm, io.CONFIG_ATTR, config)
     return gm
+
+
+def _copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """An independent copy of a GraphModule (faster than ``copy.deepcopy`` on large models)."""
+    graph = copy.deepcopy(gm.graph)  # keeps the graph's codegen (pytree in/out specs) and meta
+    return torch.fx.GraphModule(clone_module(gm), graph, type(gm).__name__)
 
 
 def is_converted(gm: torch.fx.GraphModule) -> bool:

@@ -35,13 +35,34 @@ class _Call2(_Call1):
         return self.fn(x, y)
 
 
+def _traced(fn: Callable[..., torch.Tensor], inputs: int,
+            cache: dict[object, torch.fx.GraphModule]) -> torch.fx.GraphModule:
+    """``fn`` traced once per distinct quantizer configuration (tracing is the slow part)."""
+    owner = getattr(fn, "__self__", None)
+    key: object = None
+    if isinstance(owner, Quantizer) and not any(True for _ in owner.parameters()) and not any(
+            True for _ in owner.buffers()):
+        try:
+            key = (type(owner), getattr(fn, "__name__", ""), repr(sorted(
+                owner.get_config().items())))
+        except NotImplementedError:
+            key = None
+    if key is not None and key in cache:
+        return cache[key]
+    sub = torch.fx.symbolic_trace((_Call1 if inputs == 1 else _Call2)(fn))
+    if key is not None:
+        cache[key] = sub
+    return sub
+
+
 def _inline(gm: torch.fx.GraphModule, before: torch.fx.Node, fn: Callable[..., torch.Tensor],
-            inputs: list[torch.fx.Node], prefix: str) -> torch.fx.Node:
+            inputs: list[torch.fx.Node], prefix: str,
+            cache: dict[object, torch.fx.GraphModule] | None = None) -> torch.fx.Node:
     """Insert the traced ops of ``fn(*inputs)`` before ``before``; return the result node.
 
     Tensor constants ``fn`` reads (e.g. a quantizer's buffers) become buffers ``<prefix>_<name>``.
     """
-    sub = torch.fx.symbolic_trace((_Call1 if len(inputs) == 1 else _Call2)(fn))
+    sub = _traced(fn, len(inputs), {} if cache is None else cache)
     placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
     env: dict[torch.fx.Node, torch.fx.Node] = dict(zip(placeholders, inputs))
     for n in sub.graph.nodes:
@@ -62,6 +83,7 @@ def lower_activation_quantizers(gm: torch.fx.GraphModule) -> torch.fx.GraphModul
 
     A quantizer whose class has no ``inference`` stays as a module call (its eval forward).
     """
+    cache: dict[object, torch.fx.GraphModule] = {}
     for node in list(gm.graph.nodes):
         record = get_record(node)
         if record is None or record.role not in ("input_quantizer", "output_quantizer",
@@ -72,7 +94,8 @@ def lower_activation_quantizers(gm: torch.fx.GraphModule) -> torch.fx.GraphModul
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
         elif type(quantizer).inference is not Quantizer.inference:
-            out = _inline(gm, node, quantizer.eval().inference, [node.args[0]], str(node.target))
+            out = _inline(gm, node, quantizer.eval().inference, [node.args[0]], str(node.target),
+                          cache)
             node.replace_all_uses_with(out)
             gm.graph.erase_node(node)
     return gm
