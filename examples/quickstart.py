@@ -1,9 +1,10 @@
 """fxquant quick start: a binary MLP on scikit-learn's digits (real data, offline).
 
 prepare (BNN recipe: binary weights and activations, first and last layer in float) -> train with an
-ordinary PyTorch loop -> summary. Runs in seconds on 2 CPU cores.
+ordinary PyTorch loop -> convert (binary weights folded and packed 8 per byte, batch norm folded) ->
+summary -> save. Runs in seconds on 2 CPU cores.
 
-    python examples/quickstart.py [--epochs 10]
+    python examples/quickstart.py [--epochs 10] [--out quickstart_bnn.fxq]
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +43,8 @@ def main(argv: list[str] | None = None) -> float:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "quickstart_bnn.fxq"),
+                        help="where to save the converted model")
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
     x, y = load_digits()
@@ -64,8 +68,16 @@ def main(argv: list[str] | None = None) -> float:
                 for w in binary:
                     w.clamp_(-1, 1)
 
-    print(fxquant.summary(prepared))
     acc = accuracy(prepared, x_test, y_test)
+    converted = fxquant.convert(prepared)
+    print(fxquant.summary(converted))
+    assert torch.allclose(converted(x_test), prepared(x_test), rtol=1e-5, atol=1e-5)
+    fxquant.save(converted, args.out)
+    reloaded = fxquant.load(args.out, make_model())
+    converted_acc = accuracy(reloaded, x_test, y_test)
+    print(f"saved {args.out}: {os.path.getsize(args.out):,} bytes; float32 weights would take "
+          f"{4 * sum(p.numel() for p in make_model().parameters()):,} bytes")
+    print(f"converted model accuracy (reloaded from file): {100 * converted_acc:.1f}%")
     print(f"test accuracy: {100 * acc:.1f}%")
     return acc
 

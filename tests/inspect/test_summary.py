@@ -97,3 +97,11 @@ class TestConvertedModel:
         totals = _totals(fxquant.summary(converted))
         assert totals["Model size"] == f"{stored:.2f} B"
         assert totals["Total params"] == "896"
+
+    def test_lowered_input_quantizers_still_count_as_binary_macs(self):
+        prepared = fxquant.prepare(MLP(), fxquant.Recipe.bnn(), example_inputs=(torch.randn(2, 64),))
+        converted = fxquant.convert(prepared)
+        key = "Ratio of MACs that are binarized"
+        assert _totals(fxquant.summary(converted))[key] == _totals(fxquant.summary(prepared))[key]
+        (_, fc2, _) = layer_stats(converted)
+        assert (fc2.input_quantizer, fc2.input_bits, fc2.weight_bits) == ("ste_sign", 1, 1)

@@ -10,7 +10,7 @@ import torch.fx
 from torch import nn
 
 from fxquant import ops
-from fxquant.graph.meta import get_record, update_record
+from fxquant.graph.meta import get_record, set_record, update_record
 from fxquant.quantizers.base import Quantizer
 
 __all__ = ["lower_activation_quantizers", "pack_weights", "eliminate_dead_code"]
@@ -96,6 +96,8 @@ def lower_activation_quantizers(gm: torch.fx.GraphModule) -> torch.fx.GraphModul
         elif type(quantizer).inference is not Quantizer.inference:
             out = _inline(gm, node, quantizer.eval().inference, [node.args[0]], str(node.target),
                           cache)
+            if out is not node.args[0]:  # the lowered ops keep the quantizer's record
+                set_record(out, record)
             node.replace_all_uses_with(out)
             gm.graph.erase_node(node)
     return gm
