@@ -7,7 +7,7 @@
 True
 """
 
-from fxquant import quantizers, wage
+from fxquant import quantizers, training, wage
 from fxquant.api import convert, is_converted, prepare
 from fxquant.graph.meta import QuantRecord
 from fxquant.graph.recipe import Recipe
@@ -16,5 +16,5 @@ from fxquant.inspect import summary, to_networkx
 from fxquant.io import load, save
 
 __all__ = ["prepare", "convert", "is_converted", "Recipe", "QuantRecord", "TracingError", "summary", "to_networkx", "save", "load",
-           "quantizers", "wage"]
+           "quantizers", "training", "wage"]
 __version__ = "0.1.0"

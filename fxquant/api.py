@@ -13,12 +13,13 @@ import torch.fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from fxquant import io
+from fxquant import io, training
 from fxquant.graph.clone import clone_module
 from fxquant.graph.meta import get_record
 from fxquant.graph.pipeline import LOWER, PREPARE, run
 from fxquant.graph.recipe import Recipe
 from fxquant.graph.tracer import trace
+from fxquant.quantizers.base import Quantizer
 
 __all__ = ["prepare", "convert", "is_converted"]
 
@@ -68,6 +69,7 @@ def prepare(model: nn.Module, recipe: Recipe, *, example_inputs: Sequence[Any] |
     with _paused_gc():
         model = clone_module(_unwrap(model))
         gm = run(trace(model, concrete_args, leaf_modules), PREPARE, recipe)
+    training.install_clip_warning(gm)
     setattr(gm, io.CONFIG_ATTR, io.options_to_plain(recipe, concrete_args, leaf_modules))
     if example_inputs is not None:
         _record_shapes(gm, example_inputs)
@@ -97,6 +99,11 @@ def convert(prepared: torch.fx.GraphModule) -> torch.fx.GraphModule:
         raise TypeError("convert expects a GraphModule returned by fxquant.prepare")
     if is_converted(prepared):
         raise ValueError("this model is already converted")
+    off = [n for n, m in prepared.named_modules() if isinstance(m, Quantizer) and not m.enabled]
+    if off:
+        raise ValueError(f"convert: quantizers {', '.join(off)} are disabled; enable them with "
+                         "fxquant.training.set_quantizers_enabled(model, True), or leave those "
+                         "slots in float in the recipe")
     with _paused_gc():
         gm = _copy_graph_module(prepared).eval()
     config = getattr(prepared, io.CONFIG_ATTR, None)

@@ -187,8 +187,10 @@ def set_quantizers_enabled(gm: torch.fx.GraphModule, enabled: bool, *, roles: Ro
     ``layers`` select as in :func:`quantizers`; a selection that matches nothing raises
     ``ValueError`` (so a typo cannot silently leave a model quantized).
 
-    The flag is a plain attribute: it is not saved by ``state_dict`` or :func:`fxquant.save`,
-    and :func:`fxquant.convert` expects every quantizer enabled.
+    The flag is a plain attribute: it is not saved by ``state_dict`` or :func:`fxquant.save`
+    (a loaded model has every quantizer on). Enable every quantizer before :func:`fxquant.convert`:
+    it folds a disabled weight quantizer to the float weight but still lowers a disabled
+    activation quantizer to its quantized inference form.
 
     >>> import torch, torch.nn as nn, fxquant
     >>> model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3), nn.Linear(3, 3))

@@ -143,3 +143,10 @@ class TestExport:
         again = torch.load(tmp_path / "p.pt", weights_only=False).train()
         again(torch.randn(2, 1, 8, 8)).sum().backward()
         assert again.conv2.weight.grad is not None
+
+
+def test_convert_refuses_disabled_quantizers():
+    prepared = fxquant.prepare(MLP(), fxquant.Recipe.bnn())
+    fxquant.training.set_quantizers_enabled(prepared, False, roles="input")
+    with pytest.raises(ValueError, match="fc2_input_quantizer.*disabled"):
+        fxquant.convert(prepared)
