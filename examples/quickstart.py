@@ -52,9 +52,8 @@ def main(argv: list[str] | None = None) -> float:
     x_train, y_train, x_test, y_test = split(x, y)
 
     prepared = fxquant.prepare(make_model(), fxquant.Recipe.bnn(), example_inputs=(x[:2],))
-    binary = [m.weight for name, m in prepared.named_modules()
-              if isinstance(m, nn.Linear) and hasattr(prepared, f"{name}_weight_quantizer")]
     opt = torch.optim.Adam(prepared.parameters(), lr=1e-2)
+    fxquant.training.LatentWeightClip(prepared, opt)  # keep binary latents in [-1, 1] (larq)
     steps = args.epochs * ((len(x_train) + 99) // 100)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     for _ in range(args.epochs):
@@ -64,9 +63,6 @@ def main(argv: list[str] | None = None) -> float:
             F.cross_entropy(prepared(x_train[idx]), y_train[idx]).backward()
             opt.step()
             sched.step()
-            with torch.no_grad():  # latent weight clipping (larq's weight_clip)
-                for w in binary:
-                    w.clamp_(-1, 1)
 
     acc = accuracy(prepared, x_test, y_test)
     converted = fxquant.convert(prepared)
