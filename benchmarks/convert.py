@@ -1,8 +1,9 @@
 """convert(): file size, inference speed and convert time, each against a baseline in the same run.
 
-* File size of the converted ResNet-18-style BNN (``Recipe.bnn()``: first and last layer float) saved
-  with ``fxquant.save``, as a ratio to the theoretical size (1 bit per binary weight + 32 bits per
-  remaining value); goal <= 1.1x. Also as a fraction of the float model's file (larq's QuickNet: 0.08).
+* File size of the converted ResNet-18-style BNN (``Recipe.bnn()``: first and last layer
+  float) saved with ``fxquant.save``, as a ratio to the theoretical size (1 bit per binary
+  weight + 32 bits per remaining value); goal <= 1.1x. Also as a fraction of the float model's
+  file (larq's QuickNet: 0.08).
 * Inference time of the converted model vs the float model (eval, CPU), batch 1 and 32; goal: no
   slower than 1.3x float.
 * convert time for the ~6,000-node model vs torch.ao ``convert_fx`` of the same model.
@@ -56,8 +57,8 @@ def _inference(width: int) -> dict[str, dict[str, float]]:
         with torch.inference_mode():
             rounds = []
             for _ in range(3):  # interleave to share the noise
-                f = timeit(lambda: model(x), repeat=5)["median_s"]
-                c = timeit(lambda: converted(x), repeat=5)["median_s"]
+                f = timeit(lambda x=x: model(x), repeat=5)["median_s"]
+                c = timeit(lambda x=x: converted(x), repeat=5)["median_s"]
                 rounds.append((c / f, f, c))
         ratio, f, c = min(rounds)
         results[f"batch{batch}"] = {"float_s": f, "converted_s": c, "ratio": ratio}

@@ -30,9 +30,9 @@ from fxquant.quantizers import (
     ProgressiveSign,
     RoundSTE,
     SteHeaviside,
+    StepQuantize,
     SteSign,
     SteTern,
-    StepQuantize,
     SwishSign,
 )
 from fxquant.wage import WAGEError, WAGEQuantizer, WAGEWeight

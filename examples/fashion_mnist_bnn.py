@@ -23,9 +23,10 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from offline_data import load_fashion_mnist  # noqa: E402
+
 import fxquant  # noqa: E402
 from fxquant import training  # noqa: E402
-from offline_data import load_fashion_mnist  # noqa: E402
 
 try:
     from tqdm import tqdm

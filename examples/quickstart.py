@@ -20,8 +20,9 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import fxquant  # noqa: E402
 from offline_data import load_digits, split  # noqa: E402
+
+import fxquant  # noqa: E402
 
 
 def make_model() -> nn.Module:

@@ -15,6 +15,7 @@ from fxquant.graph.tracer import TracingError
 from fxquant.inspect import summary, to_networkx
 from fxquant.io import load, save
 
-__all__ = ["prepare", "convert", "is_converted", "Recipe", "QuantRecord", "TracingError", "summary", "to_networkx", "save", "load",
+__all__ = ["prepare", "convert", "is_converted", "Recipe", "QuantRecord", "TracingError",
+           "summary", "to_networkx", "save", "load",
            "quantizers", "training", "wage"]
 __version__ = "0.1.0"

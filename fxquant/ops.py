@@ -1,7 +1,7 @@
 """Weight packing: low-bit weights stored as packed codes plus a small table of their exact values.
 
 ``pack(w, bits)`` turns a quantized weight into ``(codes, table)``; ``unpack(codes, table, shape,
-bits)`` gives back ``w`` exactly (the table holds the very float values, so no arithmetic can round):
+bits)`` gives back ``w`` exactly (the table holds the very float values, so nothing can round):
 
 * 1 bit: one bit per weight, 8 per byte, and a ``(out_channels, 2)`` table, so per-channel scaled
   binary weights (XNOR / Bi-Real ``α·sign(W)``) pack as well as plain ±1;

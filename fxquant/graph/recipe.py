@@ -1,8 +1,9 @@
 """Recipes: which quantizer goes in which slot of which layer.
 
-A :class:`Recipe` has four slots (``weight``, ``input``, ``output``, ``error``) and an ordered set of
-refinement rules. Each slot value is a registry name (``"ste_sign"``), a quantizer instance (deep-copied
-for every layer), a factory returning a quantizer, or ``None`` (leave that slot in float).
+A :class:`Recipe` has four slots (``weight``, ``input``, ``output``, ``error``) and an ordered set
+of refinement rules. Each slot value is a registry name (``"ste_sign"``), a quantizer instance
+(deep-copied for every layer), a factory returning a quantizer, or ``None`` (leave that slot in
+float).
 
 Precedence, lowest to highest::
 
@@ -10,13 +11,14 @@ Precedence, lowest to highest::
 
 A rule only sets the slots it names; the others fall through to lower precedence. Among rules of the
 same precedence, the one added last wins. ``.for_first`` / ``.for_last`` address the first and the
-last weighted layer in graph order. ``keep_first_last=True`` (used by the BNN, XNOR, Bi-Real, TWN and
-DoReFa presets, as in the papers) acts like ``.for_first`` and ``.for_last`` setting every slot to
-``None`` before any rule of yours, so the first and last layer stay in float unless a first/last,
-regex or name rule says otherwise.
+last weighted layer in graph order. ``keep_first_last=True`` (used by the BNN, XNOR, Bi-Real,
+TWN and DoReFa presets, as in the papers) acts like ``.for_first`` and ``.for_last`` setting
+every slot to ``None`` before any rule of yours, so the first and last layer stay in float unless
+a first/last, regex or name rule says otherwise.
 
 >>> import torch.nn as nn
->>> r = Recipe(weight="ste_sign").for_type(nn.Linear, weight=None).for_name("fc2", weight="ste_tern")
+>>> r = Recipe(weight="ste_sign").for_type(nn.Linear, weight=None)
+>>> r = r.for_name("fc2", weight="ste_tern")
 >>> [rule.describe() for rule in r.rules]
 ['type:Linear', 'name:fc2']
 """
@@ -90,7 +92,8 @@ def _check_slot_value(value: Any, where: str) -> None:
         return
     if callable(value) and not isinstance(value, nn.Module):
         return
-    raise ValueError(f"{where}: expected a quantizer name, a Quantizer instance, a factory or None, "
+    raise ValueError(f"{where}: expected a quantizer name, a Quantizer instance, a factory or "
+                     "None, "
                      f"got {value!r}")
 
 
@@ -187,7 +190,7 @@ class Recipe:
     # -- presets -----------------------------------------------------------------------------
     @classmethod
     def bnn(cls) -> Recipe:
-        """BinaryNet (Hubara et al. 2016): ste_sign weights and inputs; first and last layer float."""
+        """BinaryNet (Hubara et al. 2016): ste_sign weights and inputs; first/last layer float."""
         return cls(weight="ste_sign", input="ste_sign", keep_first_last=True)
 
     @classmethod

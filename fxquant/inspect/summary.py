@@ -18,7 +18,7 @@ import torch
 import torch.fx
 from tabulate import tabulate
 
-from fxquant.graph.meta import QuantRecord, get_record
+from fxquant.graph.meta import get_record
 
 __all__ = ["LayerStats", "layer_stats", "summary"]
 

@@ -159,7 +159,7 @@ def get(identifier: str | Quantizer | Callable[[], Quantizer], **kwargs: Any) ->
 
 
 def check_floating(x: torch.Tensor, who: str) -> None:
-    """Raise TypeError unless ``x`` is a floating-point tensor (integer and bool tensors are refused)."""
+    """Raise TypeError unless ``x`` is a floating-point tensor (integer and bool are refused)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{who} expects a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():

@@ -31,7 +31,7 @@ def annotate_layers(gm: torch.fx.GraphModule, recipe: Recipe) -> torch.fx.GraphM
         raise ValueError(f"strict recipe: rule(s) {[r.describe() for r in unmatched]} match no "
                          f"layer; the model's weighted layers are: {paths}")
     any_quantized = False
-    for (node, match), info in zip(found, infos):
+    for (node, match), info in zip(found, infos, strict=True):
         specs = recipe.resolve(info)
         any_quantized |= bool(specs)
         set_record(node, QuantRecord("layer", match.path, match.op, match.module, specs))

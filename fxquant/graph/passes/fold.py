@@ -14,7 +14,7 @@ _SPATIAL_DIMS = {"linear": 0, "conv1d": 1, "conv2d": 2, "conv3d": 3}
 
 
 class FoldedLayer(nn.Module):
-    """Holds a converted layer's constants (folded weight, bias) once its module is no longer called.
+    """Holds a converted layer's constants (folded weight, bias) once its module is not called.
 
     A ``Conv2d`` whose weight became a packed buffer would mislead readers and break
     ``GraphModule.to_folder`` (which rebuilds standard modules from their repr).

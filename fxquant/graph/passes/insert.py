@@ -10,10 +10,10 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from fxquant.graph.clone import clone_module
 from fxquant.graph.meta import QuantRecord, Slot, get_record, set_record, update_record
 from fxquant.graph.patterns import FUNCTIONAL_FORM, pattern_end
 from fxquant.graph.recipe import Recipe
-from fxquant.graph.clone import clone_module
 from fxquant.quantizers.base import Quantizer, get
 
 __all__ = ["insert_weight_quantizers", "insert_input_quantizers", "insert_output_quantizers",

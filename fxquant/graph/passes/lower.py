@@ -64,7 +64,7 @@ def _inline(gm: torch.fx.GraphModule, before: torch.fx.Node, fn: Callable[..., t
     """
     sub = _traced(fn, len(inputs), {} if cache is None else cache)
     placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
-    env: dict[torch.fx.Node, torch.fx.Node] = dict(zip(placeholders, inputs))
+    env: dict[torch.fx.Node, torch.fx.Node] = dict(zip(placeholders, inputs, strict=True))
     for n in sub.graph.nodes:
         if n.op == "get_attr":
             name = f"{prefix}_{str(n.target).replace('.', '_')}"
