@@ -219,13 +219,22 @@ class Recipe:
                    keep_first_last=True)
 
     @classmethod
-    def wage(cls, bits_W: int = 2, bits_A: int = 8, bits_E: int = 8) -> Recipe:  # noqa: N803
-        """WAGE (Wu et al. 2018, arXiv:1802.04680) as QPyTorch's VGG example places it: QW
-        weights, QA on the network input and after every hidden layer's activation, QE on every
-        layer's error (the logits get QE only)."""
+    def wage(cls, bits_W: int = 2, bits_A: int = 8, bits_G: int = 8, bits_E: int = 8, *,  # noqa: N803
+             A_mode: str = "nearest", E_mode: str = "nearest") -> Recipe:  # noqa: N803
+        """WAGE (Wu et al. 2018, arXiv:1802.04680) placed as QPyTorch's VGG example does.
+
+        QW weights (``WAGEWeight(bits_W)``); ``WAGEQuantizer(bits_A, -1)`` on the network input;
+        ``WAGEQuantizer(bits_A, bits_E)`` after every hidden layer's activation (QA forward; QE
+        backward, zeroed where QA clamped); ``WAGEError(bits_E)`` on the logits. ``bits_G``
+        belongs to the update, not the graph: it is validated here so one call names the whole
+        W-A-G-E configuration; pass it to :class:`fxquant.wage.WAGEOptimizer`. QPyTorch's
+        ``reproduce.sh`` uses ``E_mode="stochastic"`` (seed with ``fxquant.wage.seed_rounding``).
+        """
         from fxquant.wage import WAGEError, WAGEQuantizer, WAGEWeight
 
-        return (cls(weight=WAGEWeight(bits_W), output=WAGEQuantizer(bits_A, -1),
-                    error=WAGEError(bits_E))
-                .for_first(input=WAGEQuantizer(bits_A, -1))
-                .for_last(output=None))
+        if isinstance(bits_G, bool) or not isinstance(bits_G, int) or bits_G < 1:
+            raise ValueError(f"Recipe.wage: bits_G must be an int >= 1, got {bits_G!r}")
+        return (cls(weight=WAGEWeight(bits_W),
+                    output=WAGEQuantizer(bits_A, bits_E, A_mode=A_mode, E_mode=E_mode))
+                .for_first(input=WAGEQuantizer(bits_A, -1, A_mode=A_mode))
+                .for_last(output=None, error=WAGEError(bits_E, mode=E_mode)))

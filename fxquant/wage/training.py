@@ -99,9 +99,10 @@ def initialize(
 
     For every latent weight under a :class:`~fxquant.wage.WAGEWeight` quantizer, in graph order:
     ``wage_init_(weight, bits_W=quantizer.bits, factor)`` draws ``U(-L, L)`` with
-    ``L = max(1.5 / 2**(bits_W - 1), sqrt(3 * factor / fan_in))`` from ``generator``, and the
-    returned power-of-two scale is written to ``quantizer.scale`` (``QW`` divides by it when
-    ``> 1.8``) and to ``weight.weight_scale``. ``factor=1.0`` is QPyTorch's VGG7LP (so for
+    ``L = max(1.5 / 2**(bits_W - 1), sqrt(3 * factor / fan_in))`` from ``generator`` (on the
+    weights' device; ``None``: torch's global generator), and the returned power-of-two scale
+    is written to ``quantizer.scale`` (``QW`` divides by it when ``> 1.8``) and to
+    ``weight.weight_scale``. ``factor=1.0`` is QPyTorch's VGG7LP (so for
     ``bits_W=2``: scale 2 for fan_in 27, 16 for 1152, 32 for 4608).
 
     Only WAGE weights are touched: biases, batch-norm parameters and float layers keep their

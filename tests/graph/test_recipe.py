@@ -162,11 +162,19 @@ class TestPresets:
         assert prepared.fc2_weight_quantizer.ternary_weight_networks is True
 
     def test_wage_places_quantizers_as_qpytorch_vgg(self):
-        prepared = fxquant.prepare(MLP(), Recipe.wage(bits_W=2, bits_A=8, bits_E=8))
+        prepared = fxquant.prepare(MLP(), Recipe.wage(bits_W=2, bits_A=8, bits_G=8, bits_E=6))
         for layer in ("fc1", "fc2", "fc3"):
             assert getattr(prepared, f"{layer}_weight_quantizer").bits == 2
-            assert hasattr(prepared, f"{layer}_error_quantizer")
-        assert prepared.fc1_input_quantizer.bits == 8  # QA on the network input only
+        first_in = prepared.fc1_input_quantizer  # QA only, on the network input only
+        assert (first_in.bits_A, first_in.bits_E) == (8, -1)
         assert not hasattr(prepared, "fc2_input_quantizer")
-        assert prepared.fc1_output_quantizer.bits == prepared.fc2_output_quantizer.bits == 8
+        for layer in ("fc1", "fc2"):  # QA + QE with the clamp mask, after hidden activations
+            q = getattr(prepared, f"{layer}_output_quantizer")
+            assert (q.bits_A, q.bits_E) == (8, 6)
+            assert not hasattr(prepared, f"{layer}_error_quantizer")
         assert not hasattr(prepared, "fc3_output_quantizer")  # logits: QE only
+        assert prepared.fc3_error_quantizer.bits_E == 6
+
+    def test_wage_bits_g_is_validated(self):
+        with pytest.raises(ValueError, match="bits_G"):
+            Recipe.wage(bits_G=0)
