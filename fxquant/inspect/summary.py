@@ -16,7 +16,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx
+import torch.nn.functional as F
 from tabulate import tabulate
+from torch import nn
 
 from fxquant.graph.meta import get_record
 
@@ -76,6 +78,28 @@ def _stored_bits(gm: torch.fx.GraphModule, keys: tuple[str, ...]) -> int:
     return sum(8 * state[k].numel() * state[k].element_size() for k in keys if k in state)
 
 
+_GRID_PRESERVING_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.Flatten, nn.Identity)
+_GRID_PRESERVING_FUNCTIONS = {F.max_pool1d, F.max_pool2d, F.max_pool3d, torch.flatten}
+_GRID_PRESERVING_METHODS = {"flatten", "view", "reshape", "permute", "transpose", "contiguous",
+                            "squeeze", "unsqueeze"}
+
+
+def _through_grid_preserving_ops(gm: torch.fx.GraphModule, node: object) -> object:
+    """Walk back from a layer input through ops that keep values on a quantizer's grid (max
+    pooling, flatten, reshapes), so a quantizer two steps up still counts as the input's."""
+    while isinstance(node, torch.fx.Node) and node.args:
+        if node.op == "call_module":
+            keeps = isinstance(gm.get_submodule(str(node.target)), _GRID_PRESERVING_MODULES)
+        elif node.op == "call_method":
+            keeps = node.target in _GRID_PRESERVING_METHODS
+        else:
+            keeps = node.op == "call_function" and node.target in _GRID_PRESERVING_FUNCTIONS
+        if not keeps:
+            break
+        node = node.args[0]
+    return node
+
+
 def _weight(gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple[str, int, int, int]:
     """(quantizer name, bits, weight count, weight memory in bits) of a layer node."""
     if node.op == "call_module":  # a layer left in float keeps its module call
@@ -109,7 +133,7 @@ def layer_stats(gm: torch.fx.GraphModule) -> list[LayerStats]:
         else:
             bias = _param(gm, node.args[2] if len(node.args) > 2 else node.kwargs.get("bias"))
         x = node.args[0] if node.args else node.kwargs.get("input")
-        iq, ibits, _ = _quantizer_of(gm, x)
+        iq, ibits, _ = _quantizer_of(gm, _through_grid_preserving_ops(gm, x))
         meta = node.meta.get("tensor_meta")
         shape = tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
         bcount = bias.numel() if bias is not None else 0

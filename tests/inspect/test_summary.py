@@ -108,3 +108,13 @@ class TestConvertedModel:
         assert _totals(fxquant.summary(converted))[key] == _totals(fxquant.summary(prepared))[key]
         (_, fc2, _) = layer_stats(converted)
         assert (fc2.input_quantizer, fc2.input_bits, fc2.weight_bits) == ("ste_sign", 1, 1)
+
+
+def test_input_bits_seen_through_pooling_and_flatten():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                          nn.Linear(4 * 4 * 4, 3))
+    recipe = fxquant.Recipe(weight="ste_sign", output="ste_sign").for_last(output=None)
+    prepared = fxquant.prepare(model, recipe, example_inputs=(torch.randn(1, 1, 8, 8),))
+    conv, fc = layer_stats(prepared)
+    assert (conv.input_bits, fc.input_quantizer, fc.input_bits) == (32, "ste_sign", 1)
+    assert fc.mac_bits == 1
