@@ -22,6 +22,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from offline_data import load_digits, split  # noqa: E402
 
+try:
+    from tqdm import tqdm
+except ImportError:  # progress bars are optional
+    def tqdm(iterable, **_):  # type: ignore[no-redef]
+        return iterable
+
+from tabulate import tabulate  # noqa: E402
+
 import fxquant  # noqa: E402
 
 
@@ -57,7 +65,7 @@ def main(argv: list[str] | None = None) -> float:
     fxquant.training.LatentWeightClip(prepared, opt)  # keep binary latents in [-1, 1] (larq)
     steps = args.epochs * ((len(x_train) + 99) // 100)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    for _ in range(args.epochs):
+    for _ in tqdm(range(args.epochs), desc="training", unit="epoch"):
         prepared.train()
         for idx in torch.randperm(len(x_train)).split(100):
             opt.zero_grad()
@@ -72,9 +80,13 @@ def main(argv: list[str] | None = None) -> float:
     fxquant.save(converted, args.out)
     reloaded = fxquant.load(args.out, make_model())
     converted_acc = accuracy(reloaded, x_test, y_test)
-    print(f"saved {args.out}: {os.path.getsize(args.out):,} bytes; float32 weights would take "
-          f"{4 * sum(p.numel() for p in make_model().parameters()):,} bytes")
-    print(f"converted model accuracy (reloaded from file): {100 * converted_acc:.1f}%")
+    size, float_size = os.path.getsize(args.out), 4 * sum(
+        p.numel() for p in make_model().parameters())
+    print(tabulate([["prepared (QAT)", f"{100 * acc:.2f} %", "-", "-"],
+                    [f"converted, reloaded from {os.path.basename(args.out)}",
+                     f"{100 * converted_acc:.2f} %", f"{size:,} B",
+                     f"{float_size / size:.1f}x vs {float_size:,} B float32"]],
+                   headers=["model", "test accuracy", "file", "compression"]))
     print(f"test accuracy: {100 * acc:.1f}%")
     return acc
 
