@@ -9,6 +9,7 @@ import torch.fx
 
 from fxquant.graph.passes import (
     annotate_layers,
+    compact_binary_inputs,
     eliminate_dead_code,
     fold_batch_norm,
     fold_weight_quantizers,
@@ -18,6 +19,7 @@ from fxquant.graph.passes import (
     insert_weight_quantizers,
     lower_activation_quantizers,
     pack_weights,
+    restore_plain_layers,
 )
 
 __all__ = ["PREPARE", "LOWER", "run"]
@@ -30,9 +32,11 @@ PREPARE: tuple[Pass, ...] = (
     insert_input_quantizers,
     insert_output_quantizers,
     insert_error_quantizers,
+    compact_binary_inputs,
 )
 
 LOWER: tuple[Pass, ...] = (
+    restore_plain_layers,
     fold_weight_quantizers,
     fold_batch_norm,
     lower_activation_quantizers,

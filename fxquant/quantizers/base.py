@@ -27,6 +27,8 @@ import torch
 import torch.fx
 from torch import nn
 
+from fxquant.nn import mark_plus_minus_one
+
 __all__ = ["Quantizer", "register", "get", "names", "check_floating"]
 
 _REGISTRY: dict[str, type[Quantizer]] = {}
@@ -50,6 +52,7 @@ class Quantizer(nn.Module):
     """
 
     name: ClassVar[str] = ""
+    plus_minus_one: ClassVar[bool] = False  # outputs only -1/+1 (NaN aside) in training mode
     bits: int
     enabled: bool = True  # class default: also instances unpickled from before the flag existed
 
@@ -67,7 +70,10 @@ class Quantizer(nn.Module):
         """
         if not self.enabled and args and not isinstance(args[0], torch.fx.Proxy):
             return args[0]
-        return super().__call__(*args, **kwargs)
+        out = super().__call__(*args, **kwargs)
+        if self.plus_minus_one and isinstance(out, torch.Tensor):
+            mark_plus_minus_one(out)  # lets fxquant.nn's layers save it as one byte per value
+        return out
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}" if self.enabled else f"bits={self.bits}, enabled=False"

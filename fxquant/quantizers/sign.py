@@ -130,6 +130,8 @@ def ste_sign(x: Tensor, clip_value: float | None = 1.0) -> Tensor:
 class SteSign(Quantizer):
     """Module form of :func:`ste_sign`: {-1, +1} forward, ``g * 1{abs(x) <= clip_value}``."""
 
+    plus_minus_one = True
+
     def __init__(self, clip_value: float | None = 1.0) -> None:
         super().__init__(bits=1)
         self.clip_value = _check_clip(clip_value, "SteSign")
@@ -187,6 +189,8 @@ def approx_sign(x: Tensor) -> Tensor:
 @register("approx_sign")
 class ApproxSign(Quantizer):
     """Module form of :func:`approx_sign`: {-1, +1} forward, ``(2 - 2 abs(x)) g`` gradient."""
+
+    plus_minus_one = True
 
     def __init__(self) -> None:
         super().__init__(bits=1)
@@ -255,6 +259,8 @@ def swish_sign(x: Tensor, beta: float = 5.0) -> Tensor:
 @register("swish_sign")
 class SwishSign(Quantizer):
     """Module form of :func:`swish_sign`: {-1, +1} forward, BNN+ swish-derivative gradient."""
+
+    plus_minus_one = True
 
     def __init__(self, beta: float = 5.0) -> None:
         super().__init__(bits=1)

@@ -3,6 +3,7 @@
 from fxquant.graph.passes.annotate import annotate_layers
 from fxquant.graph.passes.fold import fold_batch_norm, fold_weight_quantizers
 from fxquant.graph.passes.insert import (
+    compact_binary_inputs,
     insert_error_quantizers,
     insert_input_quantizers,
     insert_output_quantizers,
@@ -12,8 +13,10 @@ from fxquant.graph.passes.lower import (
     eliminate_dead_code,
     lower_activation_quantizers,
     pack_weights,
+    restore_plain_layers,
 )
 
 __all__ = ["annotate_layers", "insert_weight_quantizers", "insert_input_quantizers",
-           "insert_output_quantizers", "insert_error_quantizers", "fold_weight_quantizers",
+           "insert_output_quantizers", "insert_error_quantizers", "compact_binary_inputs",
+           "restore_plain_layers", "fold_weight_quantizers",
            "fold_batch_norm", "lower_activation_quantizers", "pack_weights", "eliminate_dead_code"]

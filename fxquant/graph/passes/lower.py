@@ -9,11 +9,13 @@ import torch
 import torch.fx
 from torch import nn
 
+from fxquant import nn as fxquant_nn
 from fxquant import ops
 from fxquant.graph.meta import get_record, set_record, update_record
 from fxquant.quantizers.base import Quantizer
 
-__all__ = ["lower_activation_quantizers", "pack_weights", "eliminate_dead_code"]
+__all__ = ["restore_plain_layers", "lower_activation_quantizers", "pack_weights",
+           "eliminate_dead_code"]
 
 
 class _Call1(nn.Module):
@@ -76,6 +78,14 @@ def _inline(gm: torch.fx.GraphModule, before: torch.fx.Node, fn: Callable[..., t
                 env[n] = gm.graph.get_attr(name)
     with gm.graph.inserting_before(before):
         return gm.graph.graph_copy(sub.graph, env)
+
+
+def restore_plain_layers(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """``fxquant.nn.conv2d`` & co. (training-time memory savers) become ``F.conv2d`` & co."""
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in fxquant_nn.PLAIN_FORM:
+            node.target = fxquant_nn.PLAIN_FORM[node.target]
+    return gm
 
 
 def lower_activation_quantizers(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
