@@ -19,6 +19,7 @@ traces through and silently drops its custom backward, while a leaf module survi
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
@@ -95,9 +96,7 @@ class Quantizer(nn.Module):
         Learned state lives in the state_dict, not here.
         """
         config = {}
-        for name, param in inspect.signature(type(self).__init__).parameters.items():
-            if name == "self" or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
-                continue
+        for name in _init_arguments(type(self)):
             if not hasattr(self, name):
                 raise NotImplementedError(f"{type(self).__name__} does not store its argument "
                                           f"{name!r} as an attribute; override get_config")
@@ -110,6 +109,13 @@ class Quantizer(nn.Module):
     def forward_is_identity(self) -> bool:
         """True if the forward pass returns its input unchanged (backward-only quantizers)."""
         return False
+
+
+@functools.cache
+def _init_arguments(cls: type) -> tuple[str, ...]:
+    """Names of the constructor's named arguments (cached: ``inspect.signature`` is slow)."""
+    return tuple(name for name, p in inspect.signature(cls.__init__).parameters.items()
+                 if name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
 
 
 def register(name: str) -> Callable[[Q], Q]:

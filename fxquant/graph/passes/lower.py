@@ -143,7 +143,21 @@ def pack_weights(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
 
 
 def eliminate_dead_code(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """Drop unused nodes, then submodules nothing calls any more (quantizers, folded BNs)."""
+    """Drop unused nodes, then submodules nothing calls or reads any more (quantizers, folded
+    BNs); linear in the model size (``GraphModule.delete_all_unused_submodules`` is quadratic)."""
     gm.graph.eliminate_dead_code()
-    gm.delete_all_unused_submodules()
+    used = {""}
+    for node in gm.graph.nodes:
+        if node.op in ("call_module", "get_attr"):
+            path = str(node.target) if node.op == "call_module" else str(node.target).rpartition(
+                ".")[0]
+            parts = path.split(".") if path else []
+            used.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+            if node.op == "call_module":  # a called module keeps all its children
+                used.update(f"{path}.{n}" for n, _ in gm.get_submodule(path).named_modules()
+                            if n)
+    for name in [n for n, _ in gm.named_modules() if n not in used]:
+        parent = name.rpartition(".")[0]
+        if parent in used:  # deleting the topmost unused module removes what is below it
+            gm.delete_submodule(name)
     return gm
