@@ -130,7 +130,8 @@ class TestBadFiles:
         class Local(nn.Linear):
             pass
 
-        prepared = fxquant.prepare(MLP(), fxquant.Recipe().for_type(Local, weight="ste_sign"))
+        with pytest.warns(UserWarning, match="quantizes no layer"):
+            prepared = fxquant.prepare(MLP(), fxquant.Recipe().for_type(Local, weight="ste_sign"))
         with pytest.raises(ValueError, match="cannot be saved"):
             fxquant.save(prepared, tmp_path / "x.fxq")
 

@@ -36,6 +36,7 @@ def _trained(model: nn.Module, recipe: fxquant.Recipe, x: torch.Tensor) -> torch
         opt.zero_grad()
         prepared(x).square().mean().backward()
         opt.step()
+        fxquant.training.clip_latent_weights(prepared, bits=None)
     return prepared.eval()
 
 
@@ -100,13 +101,14 @@ class TestLowering:
         assert "error_quantizer" not in fxquant.convert(prepared).code
 
 
-class TestExport:
-    @pytest.fixture(scope="class")
-    def pair(self):
-        x = torch.randn(4, 1, 8, 8)
-        prepared = _trained(SmallCNN(), fxquant.Recipe.xnor(), x)
-        return prepared, fxquant.convert(prepared), x
+@pytest.fixture(scope="module")
+def pair():
+    x = torch.randn(4, 1, 8, 8)
+    prepared = _trained(SmallCNN(), fxquant.Recipe.xnor(), x)
+    return prepared, fxquant.convert(prepared), x
 
+
+class TestExport:
     def test_torch_export(self, pair):
         _, converted, x = pair
         exported = torch.export.export(converted, (x,))
