@@ -37,6 +37,7 @@ from fxquant.quantizers.kbit import (
     round_ste,
     step_quantize,
 )
+from tests.helpers import traced_inference
 
 NAN, INF = math.nan, math.inf
 F32 = torch.float32
@@ -667,19 +668,8 @@ class TestCommonBehaviour:
 # inference forms, forward_is_identity, get_config
 
 
-class InferenceOf(torch.nn.Module):
-    """What convert traces: a wrapper whose forward is ``q.inference(x)``."""
-
-    def __init__(self, q: base.Quantizer) -> None:
-        super().__init__()
-        self.q = q
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.q.inference(x)
-
-
 def traced(q: base.Quantizer) -> torch.fx.GraphModule:
-    return torch.fx.symbolic_trace(InferenceOf(q.eval()))
+    return traced_inference(q.eval())
 
 
 def edge_values(dtype: torch.dtype) -> torch.Tensor:

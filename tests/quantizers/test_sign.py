@@ -27,6 +27,7 @@ from fxquant.quantizers import (
     swish_sign,
 )
 from fxquant.quantizers.sign import default_transform
+from tests.helpers import traced_inference
 
 FLOAT_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 NAN = math.nan
@@ -701,24 +702,6 @@ class TestProgressiveSign:
 
 # ------------------------------------------------------------------------------------------------
 # inference (plain-op eval forward), forward_is_identity, get_config
-
-
-class InferenceOf(torch.nn.Module):
-    """The tiny wrapper convert() traces: its forward is ``q.inference(x)``."""
-
-    def __init__(self, q):
-        super().__init__()
-        self.q = q
-
-    def forward(self, x):
-        return self.q.inference(x)
-
-
-def traced_inference(q):
-    """``q.inference`` traced by torch.fx.symbolic_trace (linted)."""
-    gm = torch.fx.symbolic_trace(InferenceOf(q))
-    gm.graph.lint()
-    return gm
 
 
 def assert_same_bits(actual, expected, label=""):

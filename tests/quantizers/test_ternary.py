@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from fxquant.quantizers import SteTern, get, ste_tern
+from tests.helpers import traced_inference
 
 FLOAT_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 NAN = math.nan
@@ -270,23 +271,6 @@ class TestSteTernModule:
 
 # ------------------------------------------------------------------------------------------------
 # inference (plain-op eval forward), forward_is_identity, get_config
-
-
-class InferenceOf(torch.nn.Module):
-    """The tiny wrapper convert() traces: its forward is ``q.inference(x)``."""
-
-    def __init__(self, q):
-        super().__init__()
-        self.q = q
-
-    def forward(self, x):
-        return self.q.inference(x)
-
-
-def traced_inference(q):
-    gm = torch.fx.symbolic_trace(InferenceOf(q))
-    gm.graph.lint()
-    return gm
 
 
 def assert_same_bits(actual, expected, label=""):

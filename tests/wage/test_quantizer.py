@@ -16,6 +16,7 @@ from fxquant.wage import (
     wage_quantize,
     wage_weight_quantize,
 )
+from tests.helpers import traced_inference
 
 NAN, INF = math.nan, math.inf
 FLOAT_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
@@ -340,20 +341,8 @@ class TestWAGEWeight:
 
 # --- plain-op inference forms, forward_is_identity, get_config ---------------------------------
 
-class _CallInference(torch.nn.Module):
-    """Tiny wrapper whose traced graph is ``q.inference``'s ops (as convert inlines them)."""
-
-    def __init__(self, q):
-        super().__init__()
-        self.q = q
-
-    def forward(self, x):
-        return self.q.inference(x)
-
-
-def traced_inference(q):
-    gm = torch.fx.symbolic_trace(_CallInference(q))
-    gm.graph.lint()
+def traced_plain_inference(q):
+    gm = traced_inference(q)
     ops = {node.op for node in gm.graph.nodes} - {"placeholder", "output"}
     assert ops <= {"call_function", "call_method"}, ops
     return gm
@@ -408,7 +397,7 @@ class TestInference:
     @pytest.mark.parametrize("q", INFERENCE_CASES, ids=case_id)
     def test_traced_inference_equals_eval_forward_bit_for_bit(self, q, dtype):
         x = edge_inputs(dtype, min(bits_of(q), 24))
-        gm = traced_inference(q)
+        gm = traced_plain_inference(q)
         same_bits(gm(x), q.eval()(x))
         same_bits(q.inference(x), q.eval()(x))
         q.train()
@@ -421,10 +410,10 @@ class TestInference:
         want = qa_oracle(x, bits_of(q))[0]
         if isinstance(q, WAGEWeight) and q.scale > 1.8:
             want = want / q.scale
-        same_bits(traced_inference(q)(x), want)
+        same_bits(traced_plain_inference(q)(x), want)
 
     def test_zero_dim_input_keeps_its_shape(self):
-        y = traced_inference(WAGEQuantizer(17, 8))(torch.tensor(0.3, dtype=torch.float16))
+        y = traced_plain_inference(WAGEQuantizer(17, 8))(torch.tensor(0.3, dtype=torch.float16))
         assert y.shape == () and y.dtype == torch.float16
 
     @pytest.mark.parametrize(
@@ -435,12 +424,12 @@ class TestInference:
          (WAGEQuantizer(-1, 8), []), (WAGEError(8), [])],
     )
     def test_graph_is_the_plain_fixed_point_pattern(self, q, targets):
-        nodes = [n for n in traced_inference(q).graph.nodes if n.op not in ("placeholder",
+        nodes = [n for n in traced_plain_inference(q).graph.nodes if n.op not in ("placeholder",
                                                                               "output")]
         assert [getattr(n.target, "__name__", n.target) for n in nodes] == targets
 
     def test_bits_above_16_compute_in_float32_and_cast_back(self):
-        nodes = [n for n in traced_inference(WAGEQuantizer(17, 8)).graph.nodes]
+        nodes = [n for n in traced_plain_inference(WAGEQuantizer(17, 8)).graph.nodes]
         assert [n.target for n in nodes if n.op == "call_method"] == ["to", "to"]
 
     def test_stochastic_modes_round_to_nearest_in_eval_only(self):
