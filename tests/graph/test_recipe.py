@@ -178,3 +178,22 @@ class TestPresets:
     def test_wage_bits_g_is_validated(self):
         with pytest.raises(ValueError, match="bits_G"):
             Recipe.wage(bits_G=0)
+
+
+def test_instance_changed_between_prepares_is_used_as_it_is_now():
+    shared = SteTern(threshold_value=0.3)
+    recipe = Recipe(weight=shared)
+    fxquant.prepare(MLP(), recipe)
+    shared.threshold_value = 0.5
+    assert fxquant.prepare(MLP(), recipe).fc1_weight_quantizer.threshold_value == 0.5
+
+
+def test_factory_is_called_for_every_layer():
+    calls = []
+
+    def factory():
+        calls.append(1)
+        return SteSign()
+
+    fxquant.prepare(MLP(), Recipe(weight=factory))
+    assert len(calls) == 3 + 1  # one per layer, one to record the recipe for fxquant.save

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -30,7 +29,8 @@ def _layers(gm: torch.fx.GraphModule, slot: Slot) -> Iterator[tuple[torch.fx.Nod
 
 
 def _add_quantizer(gm: torch.fx.GraphModule, layer: torch.fx.Node, record: QuantRecord,
-                   slot: Slot, arg: torch.fx.Node) -> torch.fx.Node:
+                   slot: Slot, arg: torch.fx.Node,
+                   prototypes: dict[int, tuple[Any, Quantizer]]) -> torch.fx.Node:
     """Create ``<layer>_<slot>_quantizer``, register it and return its call node on ``arg``.
 
     The caller chooses the insertion point. The name is made unique with a numeric suffix when a
@@ -38,7 +38,7 @@ def _add_quantizer(gm: torch.fx.GraphModule, layer: torch.fx.Node, record: Quant
     """
     spec = record.spec(slot)
     assert spec is not None
-    quantizer = _new_quantizer(spec.quantizer)
+    quantizer = _new_quantizer(spec.quantizer, prototypes)
     base = f"{record.layer.replace('.', '_')}_{slot}_quantizer"
     name, i = base, 0
     while hasattr(gm, name):
@@ -52,29 +52,14 @@ def _add_quantizer(gm: torch.fx.GraphModule, layer: torch.fx.Node, record: Quant
     return node
 
 
-_PROTOTYPES: weakref.WeakKeyDictionary[Any, Quantizer] = weakref.WeakKeyDictionary()
-
-
-def _new_quantizer(spec: Any) -> Quantizer:
-    """``get(spec)``, but built once per spec and cloned after (constructors are slow)."""
-    key = spec if not isinstance(spec, str) else _STRING_KEYS.setdefault(spec, _Key(spec))
-    try:
-        prototype = _PROTOTYPES.get(key)
-    except TypeError:  # an unhashable or non-weakref-able spec
+def _new_quantizer(spec: Any, prototypes: dict[int, tuple[Any, Quantizer]]) -> Quantizer:
+    """``get(spec)``; names and instances are built once per pass and cloned after (module
+    constructors are slow). Factories are called for every layer, as they may differ per call."""
+    if not isinstance(spec, (str, Quantizer)):
         return get(spec)
-    if prototype is None:
-        prototype = _PROTOTYPES[key] = get(spec)
-    return clone_module(prototype)
-
-
-class _Key:
-    """A weak-referenceable stand-in for a registry name."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-
-_STRING_KEYS: dict[str, _Key] = {}
+    if id(spec) not in prototypes:
+        prototypes[id(spec)] = (spec, get(spec))  # the spec is kept alive so its id stays unique
+    return clone_module(prototypes[id(spec)][1])
 
 
 def _functional_call(gm: torch.fx.GraphModule, node: torch.fx.Node, module: nn.Module,
@@ -101,18 +86,19 @@ def insert_weight_quantizers(gm: torch.fx.GraphModule, recipe: Recipe) -> torch.
     The module keeps owning its parameters, so the state_dict keys stay those of the float model.
     """
     modules = dict(gm.named_modules())
+    prototypes: dict[int, tuple[Any, Quantizer]] = {}
     for node, record in _layers(gm, "weight"):
         with gm.graph.inserting_before(node):
             if node.op == "call_module":
                 weight = gm.graph.get_attr(f"{node.target}.weight")
-                qweight = _add_quantizer(gm, node, record, "weight", weight)
+                qweight = _add_quantizer(gm, node, record, "weight", weight, prototypes)
                 new = _functional_call(gm, node, modules[str(node.target)], qweight)
                 new.meta.update(node.meta)
                 node.replace_all_uses_with(new)
                 gm.graph.erase_node(node)
             else:
                 weight = node.args[1] if len(node.args) > 1 else node.kwargs["weight"]
-                qweight = _add_quantizer(gm, node, record, "weight", weight)
+                qweight = _add_quantizer(gm, node, record, "weight", weight, prototypes)
                 if len(node.args) > 1:
                     node.update_arg(1, qweight)
                 else:
@@ -122,10 +108,11 @@ def insert_weight_quantizers(gm: torch.fx.GraphModule, recipe: Recipe) -> torch.
 
 def insert_input_quantizers(gm: torch.fx.GraphModule, recipe: Recipe) -> torch.fx.GraphModule:
     """``layer(x)`` -> ``layer(<layer>_input_quantizer(x))`` (larq's placement)."""
+    prototypes: dict[int, tuple[Any, Quantizer]] = {}
     for node, record in _layers(gm, "input"):
         x = node.args[0] if node.args else node.kwargs["input"]
         with gm.graph.inserting_before(node):
-            qx = _add_quantizer(gm, node, record, "input", x)
+            qx = _add_quantizer(gm, node, record, "input", x, prototypes)
         if node.args:
             node.update_arg(0, qx)
         else:
@@ -134,30 +121,33 @@ def insert_input_quantizers(gm: torch.fx.GraphModule, recipe: Recipe) -> torch.f
 
 
 def _insert_after(gm: torch.fx.GraphModule, layer: torch.fx.Node, record: QuantRecord,
-                  slot: Slot, anchor: torch.fx.Node) -> None:
+                  slot: Slot, anchor: torch.fx.Node,
+                  prototypes: dict[int, tuple[Any, Quantizer]]) -> None:
     with gm.graph.inserting_after(anchor):
-        q = _add_quantizer(gm, layer, record, slot, anchor)
+        q = _add_quantizer(gm, layer, record, slot, anchor, prototypes)
     anchor.replace_all_uses_with(q, delete_user_cb=lambda user: user is not q)
 
 
 def insert_output_quantizers(gm: torch.fx.GraphModule, recipe: Recipe) -> torch.fx.GraphModule:
     """Quantize the end of ``layer -> [batch norm] -> [relu/hardtanh]`` (WAGE's A placement)."""
     modules = dict(gm.named_modules())
+    prototypes: dict[int, tuple[Any, Quantizer]] = {}
     for node, record in _layers(gm, "output"):
-        _insert_after(gm, node, record, "output", pattern_end(node, modules))
+        _insert_after(gm, node, record, "output", pattern_end(node, modules), prototypes)
     return gm
 
 
 def insert_error_quantizers(gm: torch.fx.GraphModule, recipe: Recipe) -> torch.fx.GraphModule:
     """Identity forward, gradient quantizer backward (WAGE's E), after the output quantizer."""
     modules = dict(gm.named_modules())
+    prototypes: dict[int, tuple[Any, Quantizer]] = {}
     for node, record in _layers(gm, "error"):
         anchor = pattern_end(node, modules)
         output_name = record.quantizer_name("output")
         for user in anchor.users:
             if user.op == "call_module" and user.target == output_name:
                 anchor = user
-        _insert_after(gm, node, get_record(node) or record, "error", anchor)
+        _insert_after(gm, node, get_record(node) or record, "error", anchor, prototypes)
     return gm
 
 
