@@ -3,10 +3,10 @@
 A convolution or linear layer saves its input for the weight gradient. After a binary sign
 quantizer that input is a float tensor of ±1: 4 bytes to remember 1 bit. These functions take
 exactly the arguments of ``F.linear`` / ``F.conv{1,2,3}d`` and compute the same forward with
-the same kernel; when the input is the tagged output of a ±1 quantizer they save the signs of
-``x`` packed 8 per byte (1/32 of the float input) and rebuild ``±1`` in backward, where the
-gradients come from the same ATen backward kernels autograd uses. Any other input (a disabled
-quantizer, a plain tensor) takes the ordinary path, so they are always safe to call. (A NaN
+the same kernel; when the input is the tagged output of a ±1 quantizer they save ``x > 0`` (one
+byte per value instead of four) and rebuild ``±1`` in backward, where the gradients come from
+the same ATen backward kernels autograd uses. Any other input (a disabled quantizer, a plain
+tensor) takes the ordinary path, so they are always safe to call. (A NaN
 input, which a sign passes on, is rebuilt as -1 for the weight gradient; the forward is
 unaffected.)
 
@@ -40,22 +40,9 @@ def _is_plus_minus_one(t: Tensor) -> bool:
     return bool(getattr(t, _TAG, False))
 
 
-_SHIFTS = torch.arange(8, dtype=torch.uint8)
-
-
-def _pack_signs(x: Tensor) -> Tensor:
-    """``x > 0`` packed 8 per byte (uint8, little-endian within a byte)."""
-    bits = (x > 0).reshape(-1).view(torch.uint8)
-    pad = (-bits.numel()) % 8
-    if pad:
-        bits = torch.cat([bits, bits.new_zeros(pad)])
-    return (bits.view(-1, 8) << _SHIFTS.to(bits.device)).sum(dim=1, dtype=torch.uint8)
-
-
-def _unpack_signs(packed: Tensor, shape: torch.Size, dtype: torch.dtype) -> Tensor:
-    """The ±1 tensor of ``shape`` whose signs ``packed`` holds."""
-    bits = (packed.unsqueeze(1) >> _SHIFTS.to(packed.device)) & 1
-    return bits.reshape(-1)[: shape.numel()].view(shape).to(dtype).mul_(2).sub_(1)
+def _unpack_signs(positive: Tensor, dtype: torch.dtype) -> Tensor:
+    """The ±1 tensor whose positive entries ``positive`` marks."""
+    return positive.to(dtype).mul_(2).sub_(1)
 
 
 def _tuple(value: Any, n: int) -> list[int]:
@@ -68,8 +55,8 @@ class _CompactInputConv(torch.autograd.Function):
                 stride: Any, padding: Any, dilation: Any, groups: int) -> Tensor:
         conv = _CONV[n]
         ctx.args = (n, _tuple(stride, n), _tuple(padding, n), _tuple(dilation, n), groups)
-        ctx.has_bias, ctx.dtype, ctx.shape = bias is not None, x.dtype, x.shape
-        ctx.save_for_backward(_pack_signs(x), weight)
+        ctx.has_bias, ctx.dtype = bias is not None, x.dtype
+        ctx.save_for_backward(x > 0, weight)
         return conv(x, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
@@ -77,7 +64,7 @@ class _CompactInputConv(torch.autograd.Function):
     def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
         signs, weight = ctx.saved_tensors
         n, stride, padding, dilation, groups = ctx.args
-        x = _unpack_signs(signs, ctx.shape, ctx.dtype)
+        x = _unpack_signs(signs, ctx.dtype)
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
                 ctx.has_bias and ctx.needs_input_grad[2]]
         gx, gw, gb = torch.ops.aten.convolution_backward(
@@ -89,8 +76,8 @@ class _CompactInputConv(torch.autograd.Function):
 class _CompactInputLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx: FunctionCtx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        ctx.has_bias, ctx.dtype, ctx.shape = bias is not None, x.dtype, x.shape
-        ctx.save_for_backward(_pack_signs(x), weight)
+        ctx.has_bias, ctx.dtype = bias is not None, x.dtype
+        ctx.save_for_backward(x > 0, weight)
         return F.linear(x, weight, bias)
 
     @staticmethod
@@ -101,7 +88,7 @@ class _CompactInputLinear(torch.autograd.Function):
         flat = grad.reshape(-1, grad.shape[-1])
         gw = gb = None
         if ctx.needs_input_grad[1]:
-            x = _unpack_signs(signs, ctx.shape, ctx.dtype)
+            x = _unpack_signs(signs, ctx.dtype)
             gw = flat.t().mm(x.reshape(-1, x.shape[-1]))
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = flat.sum(0)
@@ -123,7 +110,7 @@ def _tracing(*args: Any) -> bool:
 
 
 def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:  # noqa: A002
-    """``F.linear`` that saves a tagged ±1 input as packed sign bits for backward."""
+    """``F.linear`` that saves a tagged ±1 input as one byte per value for backward."""
     if _tracing(input, weight, bias):
         return _traced(linear, (input, weight, bias))
     if not _compact(input, weight):
@@ -143,7 +130,7 @@ def _conv(n: int) -> Callable[..., Tensor]:
         return _CompactInputConv.apply(input, weight, bias, n, stride, padding, dilation, groups)
 
     conv.__name__ = conv.__qualname__ = f"conv{n}d"
-    conv.__doc__ = f"``F.conv{n}d`` that saves a tagged ±1 input as packed sign bits for backward."
+    conv.__doc__ = f"``F.conv{n}d`` that saves a tagged ±1 input as one byte per value."
     return conv
 
 

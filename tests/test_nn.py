@@ -54,7 +54,7 @@ def test_same_values_and_gradients_as_the_plain_layer(compact, plain, xshape, ws
 
 
 @pytest.mark.parametrize("compact, plain, xshape, wshape, extra", CASES)
-def test_only_packed_sign_bits_of_the_input_are_saved(compact, plain, xshape, wshape, extra):
+def test_only_a_bool_copy_of_the_input_is_saved(compact, plain, xshape, wshape, extra):
     x = torch.randn(xshape)
     w = torch.randn(wshape, requires_grad=True)
     saved = []
@@ -65,19 +65,19 @@ def test_only_packed_sign_bits_of_the_input_are_saved(compact, plain, xshape, ws
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         compact(SteSign()(x), w, None, *extra)
-    (bits,) = [t for t in saved if t.dtype == torch.uint8]
-    assert bits.numel() == -(-x.numel() // 8)  # 8 signs per byte
+    (signs,) = [t for t in saved if t.dtype == torch.bool]
+    assert torch.equal(signs, x > 0)
     dtypes = [t.dtype for t in saved]
-    assert sorted(map(str, dtypes)) == ["torch.float32", "torch.uint8"]  # sign bits, the weight
+    assert sorted(map(str, dtypes)) == ["torch.bool", "torch.float32"]  # x > 0, the weight
     _, plain_dtypes = _saved_dtypes(lambda: plain(SteSign()(x), w, None, *extra))
-    assert torch.uint8 not in plain_dtypes
+    assert torch.bool not in plain_dtypes
 
 
 def test_untagged_input_takes_the_plain_path():
     x = ste_sign(torch.randn(3, 5))  # the function does not tag; a disabled quantizer neither
     w = torch.randn(2, 5, requires_grad=True)
     _, dtypes = _saved_dtypes(lambda: fnn.linear(x, w))
-    assert torch.uint8 not in dtypes
+    assert torch.bool not in dtypes
 
 
 def test_disabled_quantizer_gives_float_gradients():
