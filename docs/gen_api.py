@@ -10,7 +10,7 @@ import inspect
 from pathlib import Path
 
 MODULES = ["fxquant", "fxquant.quantizers", "fxquant.wage", "fxquant.training", "fxquant.inspect",
-           "fxquant.io", "fxquant.ops", "fxquant.graph.recipe", "fxquant.graph.meta",
+           "fxquant.io", "fxquant.ops", "fxquant.nn", "fxquant.graph.recipe", "fxquant.graph.meta",
            "fxquant.graph.tracer", "fxquant.graph.pipeline", "fxquant.graph.passes"]
 
 
