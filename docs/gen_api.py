@@ -10,8 +10,9 @@ import inspect
 from pathlib import Path
 
 MODULES = ["fxquant", "fxquant.quantizers", "fxquant.wage", "fxquant.training", "fxquant.inspect",
-           "fxquant.io", "fxquant.ops", "fxquant.nn", "fxquant.graph.recipe", "fxquant.graph.meta",
-           "fxquant.graph.tracer", "fxquant.graph.pipeline", "fxquant.graph.passes"]
+           "fxquant.io", "fxquant.ops", "fxquant.nn", "fxquant.graph.recipe",
+           "fxquant.graph.meta", "fxquant.graph.tracer", "fxquant.graph.pipeline",
+           "fxquant.graph.passes"]
 
 
 def _signature(obj: object) -> str:
