@@ -2,7 +2,26 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+
+def exact(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """NaN-aware exact comparison (-0 and +0 compare equal)."""
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True)
+
+
+def up(v: float, dtype: torch.dtype) -> float:
+    """The next value of ``dtype`` above ``v``."""
+    t = torch.tensor(v, dtype=dtype)
+    return torch.nextafter(t, torch.tensor(math.inf, dtype=dtype)).item()
+
+
+def down(v: float, dtype: torch.dtype) -> float:
+    """The next value of ``dtype`` below ``v``."""
+    t = torch.tensor(v, dtype=dtype)
+    return torch.nextafter(t, torch.tensor(-math.inf, dtype=dtype)).item()
 
 
 class InferenceOf(torch.nn.Module):

@@ -82,3 +82,14 @@ class ResNet(nn.Module):
 
 def resnet18(width: int = 16, classes: int = 10) -> ResNet:
     return ResNet((2, 2, 2, 2), width=width, classes=classes)
+
+
+class Twice(nn.Module):
+    """One Linear module called twice (shared weights, two call sites)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.fc(self.fc(x))

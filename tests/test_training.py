@@ -24,7 +24,7 @@ from fxquant.quantizers import (
     ste_sign,
     ste_tern,
 )
-from tests.models import MLP, SmallCNN
+from tests.models import MLP, SmallCNN, Twice
 
 EXACT = {"rtol": 0, "atol": 0}
 
@@ -240,14 +240,6 @@ class TestQuantizersListing:
         assert training.quantizers(gm, roles="output") == []
 
     def test_module_called_twice_is_listed_per_quantizer(self):
-        class Twice(nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.fc = nn.Linear(3, 3)
-
-            def forward(self, x):
-                return self.fc(self.fc(x))
-
         gm = fxquant.prepare(Twice(), fxquant.Recipe(weight="ste_sign"))
         assert [e.name for e in training.quantizers(gm, layers=["fc"])] == [
             "fc_weight_quantizer", "fc_weight_quantizer_1"]
@@ -472,14 +464,6 @@ class TestLatentWeights:
         assert training.latent_weights(gm)["fc1.weight"] is gm.get_parameter("fc1.weight")
 
     def test_tied_weight_listed_once(self):
-        class Twice(nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.fc = nn.Linear(3, 3)
-
-            def forward(self, x):
-                return self.fc(self.fc(x))
-
         assert list(training.latent_weights(fxquant.prepare(Twice(), fxquant.Recipe(
             weight="ste_sign")))) == ["fc.weight"]
 

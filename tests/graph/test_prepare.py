@@ -13,7 +13,7 @@ from torch import nn
 import fxquant
 from fxquant.graph.tracer import trace
 from fxquant.quantizers import approx_sign, magnitude_aware_sign, ste_sign, ste_tern
-from tests.models import MLP, BasicBlock, ResNet, SmallCNN, resnet18
+from tests.models import MLP, BasicBlock, ResNet, SmallCNN, Twice, resnet18
 
 torch.manual_seed(0)
 
@@ -243,14 +243,6 @@ class TestWrappersAndSharing:
         assert list(prepared.state_dict()) == list(model.state_dict())
 
     def test_module_called_twice_gets_two_deterministic_quantizers(self):
-        class Twice(nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.fc = nn.Linear(3, 3)
-
-            def forward(self, x):
-                return self.fc(self.fc(x))
-
         model = Twice()
         prepared = fxquant.prepare(model, fxquant.Recipe(weight="ste_tern"))
         assert {"fc_weight_quantizer", "fc_weight_quantizer_1"} <= set(

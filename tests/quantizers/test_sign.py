@@ -27,7 +27,7 @@ from fxquant.quantizers import (
     swish_sign,
 )
 from fxquant.quantizers.sign import default_transform
-from tests.helpers import traced_inference
+from tests.helpers import down, exact, traced_inference, up
 
 FLOAT_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 NAN = math.nan
@@ -37,23 +37,6 @@ BITORCH_X = [-1.5, -1.0, -0.3, 0.0, 0.3, 1.0, 1.5]
 
 # ------------------------------------------------------------------------------------------------
 # helpers (independent oracles and small utilities)
-
-
-def exact(actual, expected):
-    """NaN-aware exact comparison (-0 and +0 compare equal)."""
-    torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True)
-
-
-def up(v, dtype):
-    """The next value of ``dtype`` above ``v``."""
-    t = torch.tensor(v, dtype=dtype)
-    return torch.nextafter(t, torch.tensor(INF, dtype=dtype)).item()
-
-
-def down(v, dtype):
-    """The next value of ``dtype`` below ``v``."""
-    t = torch.tensor(v, dtype=dtype)
-    return torch.nextafter(t, torch.tensor(-INF, dtype=dtype)).item()
 
 
 def tiny(dtype):

@@ -12,25 +12,11 @@ import pytest
 import torch
 
 from fxquant.quantizers import SteTern, get, ste_tern
-from tests.helpers import traced_inference
+from tests.helpers import down, exact, traced_inference, up
 
 FLOAT_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 NAN = math.nan
 INF = math.inf
-
-
-def exact(actual, expected):
-    torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True)
-
-
-def up(v, dtype):
-    t = torch.tensor(v, dtype=dtype)
-    return torch.nextafter(t, torch.tensor(INF, dtype=dtype)).item()
-
-
-def down(v, dtype):
-    t = torch.tensor(v, dtype=dtype)
-    return torch.nextafter(t, torch.tensor(-INF, dtype=dtype)).item()
 
 
 def tern_oracle(x, delta):
