@@ -152,3 +152,30 @@ def test_convert_refuses_disabled_quantizers():
     fxquant.training.set_quantizers_enabled(prepared, False, roles="input")
     with pytest.raises(ValueError, match="fc2_input_quantizer.*disabled"):
         fxquant.convert(prepared)
+
+
+class SharedConv(nn.Module):
+    """A float conv called twice; batch norm follows only its first call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 3, padding=1)
+        self.bn = nn.BatchNorm2d(2)
+        self.head = nn.Conv2d(2, 2, 1)
+
+    def forward(self, x):
+        return self.head(self.bn(self.conv(x)) + self.conv(x))
+
+
+def test_batch_norm_is_not_folded_into_a_module_called_twice():
+    model = SharedConv()
+    with torch.no_grad():  # make the BN far from identity so a wrong fold shows
+        model.bn.running_mean.uniform_(-1, 1)
+        model.bn.running_var.uniform_(0.5, 2)
+        model.bn.weight.uniform_(0.5, 2)
+    recipe = fxquant.Recipe(weight="ste_sign").for_name("conv", weight=None)
+    prepared = fxquant.prepare(model, recipe).eval()
+    converted = fxquant.convert(prepared)
+    x = torch.randn(2, 2, 5, 5)
+    torch.testing.assert_close(converted(x), prepared(x), rtol=1e-5, atol=1e-5)
+    assert torch.equal(converted.conv.weight, model.conv.weight)  # left unscaled

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 import torch.fx
 from torch import nn
@@ -106,6 +108,7 @@ def fold_batch_norm(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     the result equals the BN to float rounding (about 1e-6 relative): ``y·s + t`` and
     ``(y − μ)/sqrt(σ² + ε)·γ + β`` round differently.
     """
+    calls = Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_module")
     for node in list(gm.graph.nodes):
         bn = _foldable_bn(gm, node)
         if bn is None:
@@ -118,7 +121,7 @@ def fold_batch_norm(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
             shift = -bn.running_mean * scale
             if bn.bias is not None:
                 shift = shift + bn.bias
-        if _fold_into_float_layer(gm, layer, scale, shift):
+        if _fold_into_float_layer(gm, layer, scale, shift, calls):
             node.replace_all_uses_with(layer)
         else:
             view = (-1,) + (1,) * _SPATIAL_DIMS[get_record(layer).op]
@@ -136,9 +139,10 @@ def fold_batch_norm(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
 
 
 def _fold_into_float_layer(gm: torch.fx.GraphModule, layer: torch.fx.Node, scale: torch.Tensor,
-                           shift: torch.Tensor) -> bool:
-    """Scale a float layer's own weight and bias; False if the layer's weight is quantized."""
-    if layer.op != "call_module":
+                           shift: torch.Tensor, calls: Counter[str]) -> bool:
+    """Scale a float layer's own weight and bias; False if its weight is quantized, or if its
+    module is called elsewhere too (its other calls must keep the unscaled weight)."""
+    if layer.op != "call_module" or calls[str(layer.target)] != 1:
         return False
     module = gm.get_submodule(str(layer.target))
     with torch.no_grad():
