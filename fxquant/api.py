@@ -104,8 +104,6 @@ def convert(prepared: torch.fx.GraphModule) -> torch.fx.GraphModule:
         raise ValueError(f"convert: quantizers {', '.join(off)} are disabled; enable them with "
                          "fxquant.training.set_quantizers_enabled(model, True), or leave those "
                          "slots in float in the recipe")
-    with _paused_gc():
-        gm = _copy_graph_module(prepared).eval()
     config = getattr(prepared, io.CONFIG_ATTR, None)
     if config is not None and "error" not in config:
         try:
@@ -113,7 +111,7 @@ def convert(prepared: torch.fx.GraphModule) -> torch.fx.GraphModule:
         except NotImplementedError as err:
             config = {"error": str(err)}
     with _paused_gc():
-        gm = run(gm, LOWER)
+        gm = run(_copy_graph_module(prepared).eval(), LOWER)
     setattr(gm, io.CONFIG_ATTR, config)
     return gm
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["LayerMatch", "match_layer", "is_batch_norm", "is_activation", "pattern_end",
-           "FUNCTIONAL_FORM"]
+           "layer_arg", "set_layer_arg", "FUNCTIONAL_FORM"]
 
 # module class -> (op name, functional form used once its weight is quantized)
 FUNCTIONAL_FORM: dict[type[nn.Module], tuple[str, Callable[..., Any]]] = {
@@ -51,6 +51,24 @@ class LayerMatch:
     weight: torch.fx.Node | None  # the get_attr node feeding a functional call
 
 
+_ARG_INDEX = {"input": 0, "weight": 1, "bias": 2}
+
+
+def layer_arg(node: torch.fx.Node, name: str) -> Any:
+    """The ``input``, ``weight`` or ``bias`` argument of a layer call, positional or keyword."""
+    i = _ARG_INDEX[name]
+    return node.args[i] if len(node.args) > i else node.kwargs.get(name)
+
+
+def set_layer_arg(node: torch.fx.Node, name: str, value: Any) -> None:
+    """Replace the ``input``/``weight``/``bias`` argument of a layer call where it is given."""
+    i = _ARG_INDEX[name]
+    if len(node.args) > i:
+        node.update_arg(i, value)
+    else:
+        node.update_kwarg(name, value)
+
+
 def match_layer(node: torch.fx.Node, modules: dict[str, nn.Module]) -> LayerMatch | None:
     """Return a LayerMatch if ``node`` is a weighted layer whose weight is a parameter."""
     if node.op == "call_module":
@@ -60,7 +78,7 @@ def match_layer(node: torch.fx.Node, modules: dict[str, nn.Module]) -> LayerMatc
             return None
         return LayerMatch(form[0], str(node.target), str(node.target), type(module), None, None)
     if node.op == "call_function" and node.target in _FUNCTIONS:
-        weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+        weight = layer_arg(node, "weight")
         if not (isinstance(weight, torch.fx.Node) and weight.op == "get_attr"):
             return None
         target = str(weight.target)

@@ -21,6 +21,7 @@ from tabulate import tabulate
 from torch import nn
 
 from fxquant.graph.meta import get_record
+from fxquant.graph.patterns import layer_arg
 
 __all__ = ["LayerStats", "layer_stats", "summary"]
 
@@ -73,8 +74,7 @@ def _quantizer_of(gm: torch.fx.GraphModule, node: object) -> tuple[str, int, obj
     return "-", 32, node
 
 
-def _stored_bits(gm: torch.fx.GraphModule, keys: tuple[str, ...]) -> int:
-    state = gm.state_dict(keep_vars=True)
+def _stored_bits(state: dict[str, torch.Tensor], keys: tuple[str, ...]) -> int:
     return sum(8 * state[k].numel() * state[k].element_size() for k in keys if k in state)
 
 
@@ -100,15 +100,16 @@ def _through_grid_preserving_ops(gm: torch.fx.GraphModule, node: object) -> obje
     return node
 
 
-def _weight(gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple[str, int, int, int]:
+def _weight(gm: torch.fx.GraphModule, node: torch.fx.Node, state: dict[str, torch.Tensor]
+            ) -> tuple[str, int, int, int]:
     """(quantizer name, bits, weight count, weight memory in bits) of a layer node."""
     if node.op == "call_module":  # a layer left in float keeps its module call
         weight = gm.get_submodule(str(node.target)).weight
         return "-", 32, weight.numel(), 32 * weight.numel()
-    arg = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+    arg = layer_arg(node, "weight")
     record = get_record(arg) if isinstance(arg, torch.fx.Node) else None
     if record is not None and record.role in ("folded_weight", "packed_weight"):  # converted
-        return record.quantizer, record.bits, record.numel, _stored_bits(gm, record.tensors)
+        return record.quantizer, record.bits, record.numel, _stored_bits(state, record.tensors)
     name, bits, source = _quantizer_of(gm, arg)
     weight = _param(gm, source)
     count = weight.numel() if weight is not None else 0
@@ -123,16 +124,17 @@ def _output_positions(op: str, shape: tuple[int, ...]) -> int:
 def layer_stats(gm: torch.fx.GraphModule) -> list[LayerStats]:
     """LayerStats for every weighted layer, in graph order."""
     stats = []
+    state = gm.state_dict(keep_vars=True)
     for node in gm.graph.nodes:
         record = get_record(node)
         if record is None or record.role != "layer":
             continue
-        wq, wbits, wcount, wmemory = _weight(gm, node)
+        wq, wbits, wcount, wmemory = _weight(gm, node, state)
         if node.op == "call_module":
             bias = gm.get_submodule(str(node.target)).bias
         else:
-            bias = _param(gm, node.args[2] if len(node.args) > 2 else node.kwargs.get("bias"))
-        x = node.args[0] if node.args else node.kwargs.get("input")
+            bias = _param(gm, layer_arg(node, "bias"))
+        x = layer_arg(node, "input")
         iq, ibits, _ = _quantizer_of(gm, _through_grid_preserving_ops(gm, x))
         meta = node.meta.get("tensor_meta")
         shape = tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
@@ -194,7 +196,7 @@ def _sizes(gm: torch.fx.GraphModule) -> tuple[int, int, int]:
         packed = {k for r in constants for k in r.tensors}
         values = sum(t.numel() for k, t in state.items() if k not in packed)
         values += sum(r.numel for r in constants)
-        return values, trainable, _stored_bits(gm, tuple(state))
+        return values, trainable, _stored_bits(state, tuple(state))
     quantized_bits = {}
     for node in gm.graph.nodes:
         record = get_record(node)

@@ -13,7 +13,7 @@ from torch import nn
 from fxquant import nn as fxquant_nn
 from fxquant.graph.clone import clone_module
 from fxquant.graph.meta import QuantRecord, Slot, get_record, set_record, update_record
-from fxquant.graph.patterns import FUNCTIONAL_FORM, pattern_end
+from fxquant.graph.patterns import FUNCTIONAL_FORM, layer_arg, pattern_end, set_layer_arg
 from fxquant.graph.recipe import Recipe
 from fxquant.quantizers.base import Quantizer, get
 
@@ -66,7 +66,7 @@ def _functional_call(gm: torch.fx.GraphModule, node: torch.fx.Node, module: nn.M
                      weight: torch.fx.Node) -> torch.fx.Node:
     """The functional form of a Linear/Conv module call, fed by ``weight``."""
     graph, target = gm.graph, str(node.target)
-    x = node.args[0] if node.args else node.kwargs["input"]
+    x = layer_arg(node, "input")
     bias = graph.get_attr(f"{target}.bias") if module.bias is not None else None
     op, fn = FUNCTIONAL_FORM[type(module)]
     if op == "linear":
@@ -97,12 +97,9 @@ def insert_weight_quantizers(gm: torch.fx.GraphModule, recipe: Recipe) -> torch.
                 node.replace_all_uses_with(new)
                 gm.graph.erase_node(node)
             else:
-                weight = node.args[1] if len(node.args) > 1 else node.kwargs["weight"]
+                weight = layer_arg(node, "weight")
                 qweight = _add_quantizer(gm, node, record, "weight", weight, prototypes)
-                if len(node.args) > 1:
-                    node.update_arg(1, qweight)
-                else:
-                    node.update_kwarg("weight", qweight)
+                set_layer_arg(node, "weight", qweight)
     return gm
 
 
@@ -110,13 +107,10 @@ def insert_input_quantizers(gm: torch.fx.GraphModule, recipe: Recipe) -> torch.f
     """``layer(x)`` -> ``layer(<layer>_input_quantizer(x))`` (larq's placement)."""
     prototypes: dict[int, tuple[Any, Quantizer]] = {}
     for node, record in _layers(gm, "input"):
-        x = node.args[0] if node.args else node.kwargs["input"]
+        x = layer_arg(node, "input")
         with gm.graph.inserting_before(node):
             qx = _add_quantizer(gm, node, record, "input", x, prototypes)
-        if node.args:
-            node.update_arg(0, qx)
-        else:
-            node.update_kwarg("input", qx)
+        set_layer_arg(node, "input", qx)
     return gm
 
 
@@ -160,7 +154,7 @@ def compact_binary_inputs(gm: torch.fx.GraphModule, recipe: Recipe) -> torch.fx.
     """Layers fed by a ±1 input quantizer call :mod:`fxquant.nn`'s version of their function,
     which saves that input as one byte per value for backward instead of four (same forward)."""
     for node, _ in _layers(gm, "input"):
-        x = node.args[0] if node.args else None
+        x = layer_arg(node, "input")
         if (node.op != "call_function" or node.target not in _COMPACT_FORM
                 or not isinstance(x, torch.fx.Node) or x.op != "call_module"):
             continue

@@ -42,8 +42,8 @@ def _traced(fn: Callable[..., torch.Tensor], inputs: int,
     """``fn`` traced once per distinct quantizer configuration (tracing is the slow part)."""
     owner = getattr(fn, "__self__", None)
     key: object = None
-    if isinstance(owner, Quantizer) and not any(True for _ in owner.parameters()) and not any(
-            True for _ in owner.buffers()):
+    if isinstance(owner, Quantizer) and next(owner.parameters(), None) is None and next(
+            owner.buffers(), None) is None:  # constants fully described by the config
         try:
             key = (type(owner), getattr(fn, "__name__", ""), repr(sorted(
                 owner.get_config().items())))
