@@ -179,3 +179,21 @@ def test_batch_norm_is_not_folded_into_a_module_called_twice():
     x = torch.randn(2, 2, 5, 5)
     torch.testing.assert_close(converted(x), prepared(x), rtol=1e-5, atol=1e-5)
     assert torch.equal(converted.conv.weight, model.conv.weight)  # left unscaled
+
+
+def test_learned_quantizer_tensors_become_buffers_of_the_converted_model():
+    from fxquant.quantizers import AffineKBitQuantize, k_bit_quantize
+
+    prepared = fxquant.prepare(MLP(), fxquant.Recipe(input=AffineKBitQuantize(4))).eval()
+    with torch.no_grad():
+        prepared.fc2_input_quantizer.w.fill_(0.75)
+        prepared.fc2_input_quantizer.b.fill_(-0.25)
+    converted = fxquant.convert(prepared)
+    assert converted.fc2_input_quantizer_w.item() == 0.75
+    x = torch.rand(3, 64)
+    torch.testing.assert_close(converted(x), prepared(x), rtol=0, atol=0)
+    # hand-written oracle: fc1's quantizer keeps w = 1, b = 0; fc3's too
+    h = torch.relu(prepared.fc1(k_bit_quantize(x.flatten(1), 4)))
+    h = torch.relu(prepared.fc2(0.75 * k_bit_quantize(h, 4) - 0.25))
+    out = prepared.fc3(k_bit_quantize(h, 4))
+    torch.testing.assert_close(converted(x), out, rtol=1e-6, atol=1e-6)

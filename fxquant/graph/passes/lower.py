@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
 
 import torch
 import torch.fx
@@ -18,65 +17,52 @@ __all__ = ["restore_plain_layers", "lower_activation_quantizers", "pack_weights"
            "eliminate_dead_code"]
 
 
-class _Call1(nn.Module):
-    """A module whose forward is ``fn(x)``: traced to inline ``fn``'s plain ops."""
+class _Inference(nn.Module):
+    """A module whose forward is ``quantizer.inference(x)``: traced to inline its plain ops."""
 
-    def __init__(self, fn: Callable[..., torch.Tensor]) -> None:
+    def __init__(self, quantizer: Quantizer) -> None:
         super().__init__()
-        self.fn = fn
-        owner = getattr(fn, "__self__", None)
-        if isinstance(owner, nn.Module):  # so tracing finds the quantizer's own tensors
-            self.owner = owner
+        self.quantizer = quantizer  # a submodule, so tracing finds the quantizer's own tensors
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fn(x)
+        return self.quantizer.inference(x)
 
 
-class _Call2(_Call1):
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return self.fn(x, y)
-
-
-def _traced(fn: Callable[..., torch.Tensor], inputs: int,
-            cache: dict[object, torch.fx.GraphModule]) -> torch.fx.GraphModule:
-    """``fn`` traced once per distinct quantizer configuration (tracing is the slow part)."""
-    owner = getattr(fn, "__self__", None)
+def _traced(quantizer: Quantizer, cache: dict[object, torch.fx.GraphModule]
+            ) -> torch.fx.GraphModule:
+    """``quantizer.inference`` traced once per distinct configuration (tracing is the slow part);
+    quantizers with tensors of their own are traced each time."""
     key: object = None
-    if isinstance(owner, Quantizer) and next(owner.parameters(), None) is None and next(
-            owner.buffers(), None) is None:  # constants fully described by the config
+    if next(quantizer.parameters(), None) is None and next(quantizer.buffers(), None) is None:
         try:
-            key = (type(owner), getattr(fn, "__name__", ""), repr(sorted(
-                owner.get_config().items())))
+            key = (type(quantizer), repr(sorted(quantizer.get_config().items())))
         except NotImplementedError:
             key = None
     if key is not None and key in cache:
         return cache[key]
-    sub = torch.fx.symbolic_trace((_Call1 if inputs == 1 else _Call2)(fn))
+    sub = torch.fx.symbolic_trace(_Inference(quantizer))
     if key is not None:
         cache[key] = sub
     return sub
 
 
-def _inline(gm: torch.fx.GraphModule, before: torch.fx.Node, fn: Callable[..., torch.Tensor],
-            inputs: list[torch.fx.Node], prefix: str,
-            cache: dict[object, torch.fx.GraphModule] | None = None) -> torch.fx.Node:
-    """Insert the traced ops of ``fn(*inputs)`` before ``before``; return the result node.
+def _inline(gm: torch.fx.GraphModule, node: torch.fx.Node, quantizer: Quantizer,
+            cache: dict[object, torch.fx.GraphModule]) -> torch.fx.Node:
+    """Insert the traced ops of ``quantizer.inference`` on ``node``'s input before ``node``.
 
-    Tensor constants ``fn`` reads (e.g. a quantizer's buffers) become buffers ``<prefix>_<name>``.
+    Tensors the quantizer reads (e.g. learned parameters) become buffers ``<node target>_<name>``.
     """
-    sub = _traced(fn, len(inputs), {} if cache is None else cache)
-    placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
-    env: dict[torch.fx.Node, torch.fx.Node] = dict(zip(placeholders, inputs, strict=True))
+    sub = _traced(quantizer, cache)
+    (placeholder,) = [n for n in sub.graph.nodes if n.op == "placeholder"]
+    env: dict[torch.fx.Node, torch.fx.Node] = {placeholder: node.args[0]}
     for n in sub.graph.nodes:
         if n.op == "get_attr":
-            name = f"{prefix}_{str(n.target).replace('.', '_')}"
-            value = sub
-            for part in str(n.target).split("."):
-                value = getattr(value, part)
-            gm.register_buffer(name, value.detach().clone())
-            with gm.graph.inserting_before(before):
+            owner, _, attr = str(n.target).rpartition(".")
+            name = f"{node.target}_{str(n.target).removeprefix('quantizer.').replace('.', '_')}"
+            gm.register_buffer(name, getattr(sub.get_submodule(owner), attr).detach().clone())
+            with gm.graph.inserting_before(node):
                 env[n] = gm.graph.get_attr(name)
-    with gm.graph.inserting_before(before):
+    with gm.graph.inserting_before(node):
         return gm.graph.graph_copy(sub.graph, env)
 
 
@@ -104,8 +90,7 @@ def lower_activation_quantizers(gm: torch.fx.GraphModule) -> torch.fx.GraphModul
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
         elif type(quantizer).inference is not Quantizer.inference:
-            out = _inline(gm, node, quantizer.eval().inference, [node.args[0]], str(node.target),
-                          cache)
+            out = _inline(gm, node, quantizer.eval(), cache)
             if out is not node.args[0]:  # the lowered ops keep the quantizer's record
                 set_record(out, record)
             node.replace_all_uses_with(out)
