@@ -3,11 +3,11 @@
 A convolution or linear layer saves its input for the weight gradient. After a binary sign
 quantizer that input is a float tensor of ±1: 4 bytes to remember 1 bit. These functions take
 exactly the arguments of ``F.linear`` / ``F.conv{1,2,3}d`` and compute the same forward with
-the same kernel; when the input is the tagged output of a ±1 quantizer they save ``x > 0`` (one
-byte per value instead of four) and rebuild ``±1`` in backward, where the gradients come from
+the same kernel; when the input is the tagged output of a ±1 quantizer they save where it is +1
+(one byte per value instead of four) and rebuild ``±1`` in backward, where the gradients come from
 the same ATen backward kernels autograd uses. Any other input (a disabled quantizer, a plain
 tensor) takes the ordinary path, so they are always safe to call. (A NaN
-input, which a sign passes on, is rebuilt as -1 for the weight gradient; the forward is
+input, which a sign passes on, is rebuilt as +1 for the weight gradient; the forward is
 unaffected.)
 
 ``prepare`` routes layers whose input quantizer produces ±1 through them (pass
@@ -17,6 +17,7 @@ unaffected.)
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,78 +26,132 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
+from fxquant.quantizers._common import (
+    Surrogate,
+    _binary_sign,
+    is_plus_minus_one,
+    mark_plus_minus_one,
+    sign_source,
+)
+
 __all__ = ["linear", "conv1d", "conv2d", "conv3d", "mark_plus_minus_one", "PLAIN_FORM"]
 
-_TAG = "_fxquant_plus_minus_one"
+def _pack_signs(x: Tensor) -> Tensor:
+    """Bool: True where the ±1 tensor ``x`` is +1 (and at NaN).
 
-
-def mark_plus_minus_one(t: Tensor) -> Tensor:
-    """Tag ``t`` as holding only -1 and +1 (and NaN); returns ``t``."""
-    setattr(t, _TAG, True)
-    return t
-
-
-def _is_plus_minus_one(t: Tensor) -> bool:
-    return bool(getattr(t, _TAG, False))
+    ``relu`` then a narrowing cast: on CPU about three times faster than ``x > 0``, which
+    writes bool from a comparison.
+    """
+    return torch.relu(x).to(torch.bool)
 
 
 def _unpack_signs(positive: Tensor, dtype: torch.dtype) -> Tensor:
-    """The ±1 tensor whose positive entries ``positive`` marks."""
-    return positive.to(dtype).mul_(2).sub_(1)
+    """The ±1 tensor whose positive entries ``positive`` marks (read as bytes: a bool -> float
+    cast is several times slower on CPU than a uint8 -> float one)."""
+    return positive.view(torch.uint8).to(dtype).mul_(2).sub_(1)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What a compact layer was handed besides its autograd inputs (not seen by autograd).
+
+    ``x`` and ``weight`` are the ±1 (or plain) tensors the forward computes with. When a tensor
+    was tagged with its sign source, the layer's autograd input is that source instead, and
+    ``x_gradient`` / ``w_gradient`` is the quantizer's surrogate gradient, applied in backward.
+    """
+
+    x: Tensor
+    weight: Tensor
+    x_gradient: Surrogate | None
+    w_gradient: Surrogate | None
+
+
+def _plan(x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor, _Plan]:
+    """The autograd inputs (x or its source, weight or its source) and the plan."""
+    x_src, w_src = sign_source(x), sign_source(weight)
+    plan = _Plan(x, weight, x_src and x_src[1], w_src and w_src[1])
+    return (x if x_src is None else x_src[0]), (weight if w_src is None else w_src[0]), plan
+
+
+def _save(ctx: FunctionCtx, x: Tensor, weight: Tensor, plan: _Plan) -> None:
+    """Save the sources (kept alive by their quantizers anyway), or ``x`` as one byte per value."""
+    ctx.gradients, ctx.dtype = (plan.x_gradient, plan.w_gradient), plan.x.dtype
+    ctx.save_for_backward(x if plan.x_gradient is not None else _pack_signs(plan.x), weight)
+
+
+def _rebuild(ctx: FunctionCtx) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(x, weight)`` as the forward used them, rebuilt exactly, then the two saved tensors."""
+    x_saved, w_saved = ctx.saved_tensors
+    x_grad, w_grad = ctx.gradients
+    x = _binary_sign(x_saved) if x_grad is not None else _unpack_signs(x_saved, ctx.dtype)
+    weight = _binary_sign(w_saved) if w_grad is not None else w_saved
+    return x, weight, x_saved, w_saved
+
+
+def _through_quantizers(ctx: FunctionCtx, gx: Tensor | None, gw: Tensor | None, x: Tensor,
+                        weight: Tensor, x_saved: Tensor,
+                        w_saved: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    """Apply the quantizers' surrogate gradients, using the rebuilt tensors as scratch."""
+    x_grad, w_grad = ctx.gradients
+    if x_grad is not None and gx is not None:
+        gx = x_grad(x_saved, gx, x)
+    if w_grad is not None and gw is not None:
+        gw = w_grad(w_saved, gw, weight)
+    return gx, gw
 
 
 def _tuple(value: Any, n: int) -> list[int]:
     return list(value) if isinstance(value, (tuple, list)) else [int(value)] * n
 
 
-class _CompactInputConv(torch.autograd.Function):
+class _CompactConv(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: FunctionCtx, x: Tensor, weight: Tensor, bias: Tensor | None, n: int,
-                stride: Any, padding: Any, dilation: Any, groups: int) -> Tensor:
-        conv = _CONV[n]
+    def forward(ctx: FunctionCtx, x: Tensor, weight: Tensor, bias: Tensor | None, plan: _Plan,
+                n: int, stride: Any, padding: Any, dilation: Any, groups: int) -> Tensor:
         ctx.args = (n, _tuple(stride, n), _tuple(padding, n), _tuple(dilation, n), groups)
-        ctx.has_bias, ctx.dtype = bias is not None, x.dtype
-        ctx.save_for_backward(x > 0, weight)
-        return conv(x, weight, bias, stride, padding, dilation, groups)
+        ctx.has_bias = bias is not None
+        _save(ctx, x, weight, plan)
+        return _CONV[n](plan.x, plan.weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
-        signs, weight = ctx.saved_tensors
+        x, weight, x_saved, w_saved = _rebuild(ctx)
         n, stride, padding, dilation, groups = ctx.args
-        x = _unpack_signs(signs, ctx.dtype)
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
                 ctx.has_bias and ctx.needs_input_grad[2]]
         gx, gw, gb = torch.ops.aten.convolution_backward(
             grad, x, weight, [weight.shape[0]] if ctx.has_bias else None, stride, padding,
             dilation, False, [0] * n, groups, mask)
-        return gx, gw, gb, None, None, None, None, None
+        gx, gw = _through_quantizers(ctx, gx, gw, x, weight, x_saved, w_saved)
+        return gx, gw, gb, None, None, None, None, None, None
 
 
-class _CompactInputLinear(torch.autograd.Function):
+class _CompactLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: FunctionCtx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        ctx.has_bias, ctx.dtype = bias is not None, x.dtype
-        ctx.save_for_backward(x > 0, weight)
-        return F.linear(x, weight, bias)
+    def forward(ctx: FunctionCtx, x: Tensor, weight: Tensor, bias: Tensor | None,
+                plan: _Plan) -> Tensor:
+        ctx.has_bias = bias is not None
+        _save(ctx, x, weight, plan)
+        return F.linear(plan.x, plan.weight, bias)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
-        signs, weight = ctx.saved_tensors
+        x, weight, x_saved, w_saved = _rebuild(ctx)
         gx = grad.matmul(weight) if ctx.needs_input_grad[0] else None
         flat = grad.reshape(-1, grad.shape[-1])
         gw = gb = None
         if ctx.needs_input_grad[1]:
-            x = _unpack_signs(signs, ctx.dtype)
             gw = flat.t().mm(x.reshape(-1, x.shape[-1]))
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = flat.sum(0)
-        return gx, gw, gb
+        gx, gw = _through_quantizers(ctx, gx, gw, x, weight, x_saved, w_saved)
+        return gx, gw, gb, None
 
 
 def _compact(x: Tensor, weight: Tensor) -> bool:
-    return _is_plus_minus_one(x) and torch.is_grad_enabled() and weight.requires_grad
+    return is_plus_minus_one(x) and torch.is_grad_enabled() and weight.requires_grad
 
 
 def _traced(fn: Callable[..., Tensor], args: tuple[Any, ...]) -> Any:
@@ -115,7 +170,8 @@ def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         return _traced(linear, (input, weight, bias))
     if not _compact(input, weight):
         return F.linear(input, weight, bias)
-    return _CompactInputLinear.apply(input, weight, bias)
+    x, w, plan = _plan(input, weight)
+    return _CompactLinear.apply(x, w, bias, plan)
 
 
 def _conv(n: int) -> Callable[..., Tensor]:
@@ -127,7 +183,8 @@ def _conv(n: int) -> Callable[..., Tensor]:
             return _traced(conv, (input, weight, bias, stride, padding, dilation, groups))
         if isinstance(padding, str) or not _compact(input, weight):
             return plain(input, weight, bias, stride, padding, dilation, groups)
-        return _CompactInputConv.apply(input, weight, bias, n, stride, padding, dilation, groups)
+        x, w, plan = _plan(input, weight)
+        return _CompactConv.apply(x, w, bias, plan, n, stride, padding, dilation, groups)
 
     conv.__name__ = conv.__qualname__ = f"conv{n}d"
     conv.__doc__ = f"``F.conv{n}d`` that saves a tagged ±1 input as one byte per value."

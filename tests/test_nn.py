@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 import fxquant
 from fxquant import nn as fnn
-from fxquant.quantizers import SteSign, ste_sign
+from fxquant.quantizers import ApproxSign, SteSign, SwishSign, ste_sign
+from tests.helpers import down, exact, up
 from tests.models import SmallCNN, resnet18
 
 torch.manual_seed(0)
@@ -112,5 +113,129 @@ def test_binary_resnet_saves_less_for_backward():
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             prepared(x)
         sizes[name] = sum(storages.values())
-    # each binary conv adds a 1-byte window mask and a 1-byte sign, never a float copy
-    assert sizes["bnn"] < 1.4 * sizes["float"]
+    # every sign here reads a relu output (kept by relu anyway): the binary layers keep that
+    # output instead of their ±1 input, so nothing is saved beyond the float model's tensors
+    assert sizes["bnn"] <= sizes["float"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Sign sources: the layer keeps the quantizer's input and applies its gradient itself
+
+
+def _edge_input(shape, seed=0):
+    """Random values with exact zeros, -0.0, ±1 and one ulp either side of ±1 mixed in."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * 1.5
+    flat = x.view(-1)
+    one_up, one_down = up(1.0, torch.float32), down(1.0, torch.float32)
+    specials = torch.tensor([0.0, -0.0, 1.0, -1.0, one_up, -one_up, one_down, -one_down])
+    flat[: min(flat.numel(), specials.numel())] = specials[: flat.numel()]
+    return x
+
+
+class _ReferenceSteSign(torch.autograd.Function):
+    """Hand-written oracle: larq's sign forward, ``g`` where ``abs(x) <= 1`` else +0 backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.where(x.isnan(), x, torch.where(x >= 0, 1.0, -1.0))
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return torch.where(x.abs() <= 1, g, torch.zeros_like(g))
+
+
+def _keeping(q):
+    q.save_input = True
+    return q
+
+
+def _untagged(make):
+    """The quantizer's own autograd path: a copy of its output drops the tags."""
+    def reference():
+        q = make()
+        return lambda h: q(h) * 1.0
+    return reference
+
+
+# (quantizer whose output is sign(x) and which keeps x, the unfused reference of it)
+QUANTIZERS = [
+    (lambda: _keeping(SteSign()), lambda: _ReferenceSteSign.apply),
+    (ApproxSign, _untagged(ApproxSign)),
+    (lambda: SwishSign(beta=3.0), _untagged(lambda: SwishSign(beta=3.0))),
+]
+
+
+def _run(layer, x_quantizer, w_quantizer, x0, w, b, extra, upstream):
+    """``layer(x_quantizer(h), w_quantizer(latent), bias)`` backward: outputs and gradients."""
+    src = x0.detach().clone().requires_grad_()
+    latent = w.detach().clone().requires_grad_()
+    bias = b.detach().clone().requires_grad_()
+    h = src * 1.0  # a non-leaf activation, as in a network
+    out = layer(x_quantizer(h), w_quantizer(latent), bias, *extra)
+    out.backward(upstream)
+    return out.detach(), src.grad, latent.grad, bias.grad
+
+
+@pytest.mark.parametrize("make, reference", QUANTIZERS)
+@pytest.mark.parametrize("compact, plain, xshape, wshape, extra", CASES)
+def test_sign_sources_give_exactly_the_unfused_gradients(make, reference, compact, plain, xshape,
+                                                         wshape, extra):
+    x0 = _edge_input(xshape)
+    w = _edge_input(wshape, seed=1)
+    b = torch.randn(wshape[0])
+    upstream = torch.randn(plain(x0, w, b, *extra).shape,
+                           generator=torch.Generator().manual_seed(2))
+    got = _run(compact, make(), SteSign(), x0, w, b, extra, upstream)
+    want = _run(plain, reference(), _ReferenceSteSign.apply, x0, w, b, extra, upstream)
+    for g, e in zip(got, want, strict=True):
+        exact(g, e)
+
+
+@pytest.mark.parametrize("compact, plain, xshape, wshape, extra", CASES)
+def test_a_sign_source_is_saved_instead_of_the_output(compact, plain, xshape, wshape, extra):
+    h = torch.randn(xshape, requires_grad=True) * 1.0
+    latent = torch.randn(wshape, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        compact(_keeping(SteSign())(h), SteSign()(latent), None, *extra)
+    ptrs = {t.untyped_storage().data_ptr() for t in saved}
+    assert ptrs == {h.untyped_storage().data_ptr(), latent.untyped_storage().data_ptr()}
+    assert all(t.dtype == torch.float32 for t in saved)
+
+
+def test_a_sign_output_used_twice_gets_both_gradients():
+    x0 = _edge_input((4, 6))
+    w = torch.randn(3, 6)
+    grads = []
+    for tagged in (True, False):
+        src = x0.clone().requires_grad_()
+        latent = w.clone().requires_grad_()
+        q = _keeping(SteSign())(src * 1.0)
+        if not tagged:
+            q = q * 1.0  # a plain tensor: the layer takes the ordinary path
+        out = fnn.linear(q, SteSign()(latent)).sum() + (q * torch.arange(6.0)).sum()
+        out.backward()
+        grads.append((src.grad, latent.grad))
+    for g, e in zip(*grads, strict=True):
+        exact(g, e)
+
+
+
+def test_nan_and_inf_sources_give_the_reference_gradients():
+    x0 = torch.tensor([[float("nan"), 0.5, -2.0], [float("inf"), -float("inf"), -0.0]])
+    w = torch.tensor([[0.5, -1.5, 1.0], [-0.0, 2.0, -0.25]])
+    b = torch.zeros(2)
+    upstream = torch.tensor([[1.0, -2.0], [0.5, 3.0]])
+    got = _run(fnn.linear, _keeping(SteSign()), SteSign(), x0, w, b, (), upstream)
+    want = _run(F.linear, _ReferenceSteSign.apply, _ReferenceSteSign.apply, x0, w, b, (), upstream)
+    for g, e in zip(got, want, strict=True):
+        exact(g, e)
+    assert torch.equal(got[1][1, :2], torch.zeros(2))  # no gradient through ±inf

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["LayerMatch", "match_layer", "is_batch_norm", "is_activation", "pattern_end",
-           "layer_arg", "set_layer_arg", "FUNCTIONAL_FORM"]
+           "layer_arg", "set_layer_arg", "keeps_output_for_backward", "FUNCTIONAL_FORM"]
 
 # module class -> (op name, functional form used once its weight is quantized)
 FUNCTIONAL_FORM: dict[type[nn.Module], tuple[str, Callable[..., Any]]] = {
@@ -37,6 +37,13 @@ _ACTIVATION_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardtanh)
 _ACTIVATION_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.hardtanh, torch.nn.functional.hardtanh_,
                          torch.relu_, F.relu_}
 _ACTIVATION_METHODS = {"relu", "relu_", "hardtanh", "clamp"}
+
+# Ops whose autograd backward keeps their *output* alive (ReluBackward0, SigmoidBackward0 and
+# TanhBackward0 save ``result``): another saved reference to that output costs no memory.
+_OUTPUT_SAVING_MODULES = (nn.ReLU, nn.Sigmoid, nn.Tanh)
+_OUTPUT_SAVING_FUNCTIONS = {F.relu, F.relu_, torch.relu, torch.relu_, torch.sigmoid, F.sigmoid,
+                            torch.tanh, F.tanh}
+_OUTPUT_SAVING_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_"}
 
 
 @dataclass(frozen=True)
@@ -120,3 +127,13 @@ def pattern_end(node: torch.fx.Node, modules: dict[str, nn.Module]) -> torch.fx.
             end = nxt
     return end
 
+
+
+def keeps_output_for_backward(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether ``node``'s autograd backward saves its output (relu, sigmoid, tanh), so that
+    output stays alive until backward whatever else saves it."""
+    if node.op == "call_module":
+        return isinstance(modules.get(str(node.target)), _OUTPUT_SAVING_MODULES)
+    if node.op == "call_method":
+        return node.target in _OUTPUT_SAVING_METHODS
+    return node.op == "call_function" and node.target in _OUTPUT_SAVING_FUNCTIONS

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -52,30 +53,79 @@ def _saturating_factor(dtype: torch.dtype) -> float:
 
 
 def _saturate_into(src: Tensor, out: Tensor, bias: float | Tensor, low: float) -> Tensor:
-    """``out <- clamp(bias + B*B*src, low, 1)`` in two passes over memory (``out`` may be ``src``).
+    """``out <- clamp(bias + B*B*src, low, 1)`` with in-place arithmetic (``out`` may be ``src``).
 
     ``B*B`` pushes every non-zero finite value (subnormals included) to a magnitude of at least 2
     (or to ``±inf``), so after the clamp it lands on ``low`` or ``1``; ``±0`` becomes ``bias``
     (``-0 + 0`` is ``+0`` in IEEE arithmetic) and NaN stays NaN. With ``bias=1, low=-1`` this is
     sign with 0 -> +1; with ``bias=0, low=0`` the Heaviside step; with ``bias=0, low=-1`` sign with
-    0 -> 0. One ``addcmul`` and one in-place clamp replace ``torch.where`` (several times slower
-    on CPU) and need no comparison mask. ``bias`` may be a 0-dim tensor of ``src``'s dtype.
+    0 -> 0. ``B`` is a power of two, so ``src*B`` is exact (a subnormal becomes normal).
+    Three in-place passes (``src*B``, then ``bias + B*that``, then the clamp) replace
+    ``torch.where`` (several times slower on CPU) and need no comparison mask; ``bias`` may be a
+    0-dim tensor of ``src``'s dtype.
     """
     big = _saturating_factor(src.dtype)
     bias_t = (bias if isinstance(bias, Tensor)
               else torch.full((), bias, dtype=src.dtype, device=src.device))
-    big_t = torch.full((), big, dtype=src.dtype, device=src.device)
-    torch.addcmul(bias_t, src, big_t, value=big, out=out)
+    torch.mul(src, big, out=out)
+    torch.add(bias_t, out, alpha=big, out=out)
     return out.clamp_(low, 1.0)
 
 
+def _binary_sign(x: Tensor) -> Tensor:
+    """Fresh tensor: -1 for x < 0, +1 for x >= 0 (also -0 and negative subnormals), NaN -> NaN."""
+    return _saturate_into(x, torch.empty_like(x), 1.0, -1.0)
+
+
+# A surrogate gradient ``(x, grad, scratch) -> gradient w.r.t. x``; ``scratch`` is a tensor like
+# ``x`` that it may overwrite (and return), never aliasing ``grad``.
+Surrogate = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+# Tags a ±1 quantizer sets on its output for fxquant.nn's layers (plain tensor attributes).
+_PLUS_MINUS_ONE = "_fxquant_plus_minus_one"
+_SIGN_SOURCE = "_fxquant_sign_source"
+
+
+def mark_plus_minus_one(t: Tensor, source: Tensor | None = None,
+                        gradient: Surrogate | None = None) -> Tensor:
+    """Tag ``t`` as holding only -1 and +1 (and NaN); returns ``t``.
+
+    ``source`` and ``gradient`` (given together) state that ``t`` is exactly ``sign(source)``
+    (``±0`` -> ``+1``, NaN kept) made by a quantizer whose gradient is
+    ``gradient(source, grad, scratch)`` and which keeps ``source`` for backward. A layer may then
+    keep ``source`` instead of ``t``, rebuild ``t`` in backward and apply ``gradient`` itself.
+    """
+    if (source is None) != (gradient is None):
+        raise ValueError("mark_plus_minus_one: give both source and gradient, or neither")
+    setattr(t, _PLUS_MINUS_ONE, True)
+    if source is not None:
+        setattr(t, _SIGN_SOURCE, (source, gradient))
+    return t
+
+
+def is_plus_minus_one(t: Tensor) -> bool:
+    """Whether ``t`` was tagged by :func:`mark_plus_minus_one`."""
+    return bool(getattr(t, _PLUS_MINUS_ONE, False))
+
+
+def sign_source(t: Tensor) -> tuple[Tensor, Surrogate] | None:
+    """The ``(source, gradient)`` ``t`` was tagged with (``t == sign(source)``), or None."""
+    return getattr(t, _SIGN_SOURCE, None)
+
+
 def _window(magnitude: Tensor, clip_value: float | None) -> Tensor | None:
-    """Bool mask ``magnitude <= clip_value`` (False at NaN), or None for no window."""
-    return None if clip_value is None else magnitude.le(clip_value)
+    """Bool mask ``magnitude <= clip_value`` (False at NaN), or None for no window.
+
+    Compared in ``magnitude``'s dtype into a float 0/1 buffer, then narrowed to bool: on CPU
+    about three times faster than a comparison that writes bool directly.
+    """
+    if clip_value is None:
+        return None
+    return torch.le(magnitude, clip_value, out=torch.empty_like(magnitude)).to(torch.bool)
 
 
 def _select(window: Tensor, grad: Tensor) -> Tensor:
-    """``grad`` where ``window`` else ``+0``, exactly, as one fresh tensor.
+    """``grad`` where ``window`` (bool, or 0/1 of any dtype) else ``+0``, exactly, fresh.
 
     Works on the bit patterns: the integer view of ``grad`` times the 0/1 mask keeps every bit
     (NaN and ``±inf`` included) where the window is open and gives all-zero bits (``+0.0``) where it
@@ -84,8 +134,27 @@ def _select(window: Tensor, grad: Tensor) -> Tensor:
     """
     as_int = _SAME_WIDTH_INT.get(grad.dtype)
     if as_int is None:  # an exotic float dtype: fall back to the plain select
-        return torch.where(window, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
+        zero = torch.zeros((), dtype=grad.dtype, device=grad.device)
+        return torch.where(window.to(torch.bool), grad, zero)
     return window.to(as_int).mul_(grad.view(as_int)).view(grad.dtype)
+
+
+def _select_in_window(x: Tensor, clip_value: float, grad: Tensor,
+                      out: Tensor | None = None) -> Tensor:
+    """``grad`` where ``abs(x) <= clip_value`` (False at NaN) else ``+0``, exactly.
+
+    Like ``_select(_window(abs(x), clip_value), grad)`` in one buffer (``out``, like ``x`` and not
+    aliasing ``grad``, or a fresh one): the window is computed there as 0.0 / 1.0, its integer
+    view clamped to 0 / 1 (the bits of +0.0 are all zero, those of 1.0 a positive integer) and
+    multiplied in place by the bits of ``grad``.
+    """
+    mask = torch.abs(x, out=out) if out is not None else torch.abs(x)
+    mask.le_(clip_value)
+    as_int = _SAME_WIDTH_INT.get(grad.dtype)
+    if as_int is None or mask.dtype != grad.dtype or mask.shape != grad.shape:
+        return _select(mask, grad)
+    bits = mask.view(as_int).clamp_(max=1)
+    return bits.mul_(grad.view(as_int)).view(grad.dtype)
 
 
 def _track_grad(x: Tensor) -> bool:

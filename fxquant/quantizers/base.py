@@ -28,7 +28,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from fxquant.nn import mark_plus_minus_one
+from fxquant.quantizers._common import Surrogate, mark_plus_minus_one
 
 __all__ = ["Quantizer", "register", "get", "names", "check_floating"]
 
@@ -73,8 +73,20 @@ class Quantizer(nn.Module):
             return args[0]
         out = super().__call__(*args, **kwargs)
         if self.plus_minus_one and isinstance(out, torch.Tensor):
-            mark_plus_minus_one(out)  # lets fxquant.nn's layers save it as one byte per value
+            x = args[0] if args else None
+            gradient = self.sign_gradient(x) if isinstance(x, torch.Tensor) else None
+            # read by fxquant.nn's layers: see mark_plus_minus_one
+            mark_plus_minus_one(out, x if gradient is not None else None, gradient)
         return out
+
+    def sign_gradient(self, x: torch.Tensor) -> Surrogate | None:
+        """The surrogate gradient ``(x, grad, scratch) -> grad_x`` of ``forward(x)``, if the
+        output is exactly ``sign(x)`` and forward keeps ``x`` itself for backward; else None.
+
+        ±1 quantizers that return it let a :mod:`fxquant.nn` layer fed by them keep ``x``
+        (no extra memory) instead of the output, and apply the gradient itself. None here.
+        """
+        return None
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}" if self.enabled else f"bits={self.bits}, enabled=False"

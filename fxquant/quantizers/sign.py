@@ -30,6 +30,7 @@ tensor([-1.,  1.,  1.])
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable
@@ -40,11 +41,14 @@ from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 from fxquant.quantizers._common import (
+    Surrogate,
+    _binary_sign,
     _check_clip,
     _check_real,
     _keep_nan,
     _saturate_into,
     _select,
+    _select_in_window,
     _track_grad,
     _window,
 )
@@ -59,11 +63,6 @@ __all__ = [
 
 # ------------------------------------------------------------------------------------------------
 # Helpers
-
-
-def _binary_sign(x: Tensor) -> Tensor:
-    """Fresh tensor: -1 for x < 0, +1 for x >= 0 (also -0 and negative subnormals), NaN -> NaN."""
-    return _saturate_into(x, torch.empty_like(x), 1.0, -1.0)
 
 
 def _plain_sign(x: Tensor) -> Tensor:
@@ -93,24 +92,42 @@ def _channel_rows(magnitude: Tensor) -> Tensor:
 
 class _SteSign(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: FunctionCtx, x: Tensor, clip_value: float | None) -> Tensor:
+    def forward(ctx: FunctionCtx, x: Tensor, clip_value: float | None, keep_input: bool) -> Tensor:
+        ctx.clip_value = clip_value
+        if clip_value is None:
+            return _binary_sign(x)
+        if keep_input:  # the window is computed in backward from x itself
+            ctx.save_for_backward(x)
+            return _binary_sign(x)
         out = torch.abs(x)  # |x|, then reused as the output buffer
-        window = _window(out, clip_value)
-        ctx.window = window is not None
-        if window is not None:
-            ctx.save_for_backward(window)
+        ctx.save_for_backward(_window(out, clip_value))
         return _saturate_into(x, out, 1.0, -1.0)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor, None]:
-        if not ctx.window:
-            return grad, None
-        (window,) = ctx.saved_tensors
-        return _select(window, grad), None
+    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor, None, None]:
+        if ctx.clip_value is None:
+            return grad, None, None
+        (saved,) = ctx.saved_tensors
+        if saved.dtype != torch.bool:  # x itself
+            return _ste_sign_grad(saved, grad, torch.empty_like(grad), ctx.clip_value), None, None
+        return _select(saved, grad), None, None
 
 
-def ste_sign(x: Tensor, clip_value: float | None = 1.0) -> Tensor:
+def _ste_sign_grad(x: Tensor, grad: Tensor, scratch: Tensor, clip_value: float) -> Tensor:
+    """The straight-through gradient ``grad * 1{abs(x) <= clip_value}``, computed in ``scratch``."""
+    return _select_in_window(x, clip_value, grad, scratch)
+
+
+def _keeps_input(x: Tensor, clip_value: float | None, save_input: bool | None) -> bool:
+    """Whether :func:`ste_sign` saves ``x`` itself rather than a one-byte mask (see there)."""
+    if clip_value is None or not _track_grad(x):
+        return False
+    return save_input if save_input is not None else (x.is_leaf and x.requires_grad)
+
+
+def ste_sign(x: Tensor, clip_value: float | None = 1.0, *,
+             save_input: bool | None = None) -> Tensor:
     """Binary sign with a straight-through gradient (larq ``ste_sign``).
 
     Forward: ``-1`` where ``x < 0``, ``+1`` where ``x >= 0`` (``+0`` and ``-0`` give ``+1``);
@@ -119,25 +136,42 @@ def ste_sign(x: Tensor, clip_value: float | None = 1.0) -> Tensor:
     Gradient: ``g * 1{abs(x) <= clip_value}`` (closed window; NaN and ``±inf`` get ``+0``).
     ``clip_value=None`` passes ``g`` unchanged everywhere, which is bitorch's ``Sign``.
 
-    Only a bool mask is saved for backward. Courbariaux et al. 2016, arXiv:1602.02830.
+    Memory: for backward it saves a one-byte mask, or ``x`` itself (a reference, not a copy)
+    when ``save_input`` is True, or by default when ``x`` is a leaf that requires grad (a
+    parameter: autograd keeps it alive anyway). Saving ``x`` costs nothing when something else
+    keeps it until backward (``prepare`` sets this for inputs of layers that keep them) and
+    four bytes per value otherwise. The gradient is the same either way.
+    Courbariaux et al. 2016, arXiv:1602.02830.
     """
     check_floating(x, "ste_sign")
     clip = _check_clip(clip_value, "ste_sign")
-    return _SteSign.apply(x, clip if _track_grad(x) else None)
+    return _SteSign.apply(x, clip if _track_grad(x) else None,
+                          _keeps_input(x, clip, save_input))
 
 
 @register("ste_sign")
 class SteSign(Quantizer):
-    """Module form of :func:`ste_sign`: {-1, +1} forward, ``g * 1{abs(x) <= clip_value}``."""
+    """Module form of :func:`ste_sign`: {-1, +1} forward, ``g * 1{abs(x) <= clip_value}``.
+
+    ``save_input`` (a plain attribute, default False) makes it save its input instead of a
+    one-byte mask (see :func:`ste_sign`); ``prepare`` sets it where the layer fed by the sign keeps
+    that input anyway. Parameters are always saved as themselves.
+    """
 
     plus_minus_one = True
+    save_input: bool = False  # class default: also instances unpickled from before the flag
 
     def __init__(self, clip_value: float | None = 1.0) -> None:
         super().__init__(bits=1)
         self.clip_value = _check_clip(clip_value, "SteSign")
 
     def forward(self, x: Tensor) -> Tensor:
-        return ste_sign(x, self.clip_value)
+        return ste_sign(x, self.clip_value, save_input=self.save_input or None)
+
+    def sign_gradient(self, x: Tensor) -> Surrogate | None:
+        if not _keeps_input(x, self.clip_value, self.save_input or None):
+            return None
+        return functools.partial(_ste_sign_grad, clip_value=self.clip_value)
 
     def inference(self, x: Tensor) -> Tensor:
         """Plain ops: ``torch.where(x >= 0, 1.0, -1.0)`` in x's dtype, NaN kept (see module doc)."""
@@ -161,12 +195,17 @@ class _ApproxSign(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: FunctionCtx, grad: Tensor) -> Tensor:
         (x,) = ctx.saved_tensors
-        factor = torch.abs(x)
-        window = factor.le(1.0)
-        two = torch.full((), 2.0, dtype=x.dtype, device=x.device)
-        torch.add(two, factor, alpha=-2.0, out=factor)  # 2 - 2|x| (2|x| is exact)
-        factor.mul_(grad)  # (2 - 2|x|) * g, rounded as larq and bitorch do
-        return _select(window, factor)
+        return _approx_sign_grad(x, grad, torch.empty_like(grad))
+
+
+def _approx_sign_grad(x: Tensor, grad: Tensor, scratch: Tensor) -> Tensor:
+    """``(2 - 2 abs(x)) * grad`` where ``abs(x) <= 1``, else ``+0``; computed in ``scratch``."""
+    factor = torch.abs(x, out=scratch)
+    window = _window(factor, 1.0)
+    two = torch.full((), 2.0, dtype=x.dtype, device=x.device)
+    torch.add(two, factor, alpha=-2.0, out=factor)  # 2 - 2|x| (2|x| is exact)
+    factor.mul_(grad)  # (2 - 2|x|) * g, rounded as larq and bitorch do
+    return _select(window, factor)
 
 
 def approx_sign(x: Tensor) -> Tensor:
@@ -198,6 +237,9 @@ class ApproxSign(Quantizer):
     def forward(self, x: Tensor) -> Tensor:
         return approx_sign(x)
 
+    def sign_gradient(self, x: Tensor) -> Surrogate | None:
+        return _approx_sign_grad if _track_grad(x) else None
+
     def inference(self, x: Tensor) -> Tensor:
         """Plain ops: ``torch.where(x >= 0, 1.0, -1.0)`` in x's dtype, NaN kept (see module doc)."""
         return _plain_sign(x)
@@ -218,20 +260,24 @@ class _SwishSign(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor, None]:
         (x,) = ctx.saved_tensors
-        beta = ctx.beta
-        # The factor is even in u = beta*|x|. With s = sigmoid(-u): tanh(u/2) = 1 - 2s and
-        # 1 / (1 + cosh(u)) = 2 s (1 - s), so factor = 2 beta s (1 - s) (2 - u (1 - 2s)). One
-        # sigmoid replaces tanh and cosh (about 8x cheaper on CPU); s <= 1/2 keeps 1 - s and
-        # 1 - 2s free of cancellation, so the tail (s tiny) stays accurate.
-        factor = torch.abs(x).mul_(-beta)  # -u
-        s = torch.sigmoid(factor)
-        torch.addcmul(factor, factor, s, value=-2.0, out=factor).add_(2.0)  # 2 - u (1 - 2s)
-        torch.addcmul(s, s, s, value=-1.0, out=s)  # s (1 - s)
-        zero = torch.zeros((), dtype=x.dtype, device=x.device)
-        torch.addcmul(zero, factor, s, value=2.0 * beta, out=factor)
-        # NaN only where the formula is undefined (x NaN/±inf, beta*x = ±inf): use its limit, 0.
-        factor.nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
-        return factor.mul_(grad), None
+        return _swish_sign_grad(x, grad, torch.empty_like(grad), ctx.beta), None
+
+
+def _swish_sign_grad(x: Tensor, grad: Tensor, scratch: Tensor, beta: float) -> Tensor:
+    """The BNN+ swish-derivative gradient of :func:`swish_sign`, computed in ``scratch``."""
+    # The factor is even in u = beta*|x|. With s = sigmoid(-u): tanh(u/2) = 1 - 2s and
+    # 1 / (1 + cosh(u)) = 2 s (1 - s), so factor = 2 beta s (1 - s) (2 - u (1 - 2s)). One
+    # sigmoid replaces tanh and cosh (about 8x cheaper on CPU); s <= 1/2 keeps 1 - s and
+    # 1 - 2s free of cancellation, so the tail (s tiny) stays accurate.
+    factor = torch.abs(x, out=scratch).mul_(-beta)  # -u
+    s = torch.sigmoid(factor)
+    torch.addcmul(factor, factor, s, value=-2.0, out=factor).add_(2.0)  # 2 - u (1 - 2s)
+    torch.addcmul(s, s, s, value=-1.0, out=s)  # s (1 - s)
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    torch.addcmul(zero, factor, s, value=2.0 * beta, out=factor)
+    # NaN only where the formula is undefined (x NaN/±inf, beta*x = ±inf): use its limit, 0.
+    factor.nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
+    return factor.mul_(grad)
 
 
 def swish_sign(x: Tensor, beta: float = 5.0) -> Tensor:
@@ -268,6 +314,9 @@ class SwishSign(Quantizer):
 
     def forward(self, x: Tensor) -> Tensor:
         return swish_sign(x, self.beta)
+
+    def sign_gradient(self, x: Tensor) -> Surrogate | None:
+        return functools.partial(_swish_sign_grad, beta=self.beta) if _track_grad(x) else None
 
     def inference(self, x: Tensor) -> Tensor:
         """Plain ops: ``torch.where(x >= 0, 1.0, -1.0)`` in x's dtype, NaN kept (see module doc)."""

@@ -225,6 +225,19 @@ class TestResNet18Style:
         reference = _swap_binary_convs(model, skip={"conv1"}).eval()  # fc (last) stays float
         _check(prepared, reference, torch.randn(2, 3, 16, 16))
 
+    def test_bnn_gradients_match_reference_with_hand_binarized_convs(self):
+        model = resnet18(width=8).train()
+        prepared = fxquant.prepare(model, fxquant.Recipe.bnn())
+        reference = _swap_binary_convs(model, skip={"conv1"})
+        x, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])
+        for net in (prepared, reference):
+            F.cross_entropy(net(x), y).backward()
+        got = {n: p.grad for n, p in prepared.named_parameters()}
+        want = {n.replace(".conv.", "."): p.grad for n, p in reference.named_parameters()}
+        assert got.keys() == want.keys()
+        for name in got:
+            torch.testing.assert_close(got[name], want[name], rtol=0, atol=0, msg=name)
+
     def test_train_step_updates_latent_weights(self):
         prepared = fxquant.prepare(resnet18(width=8), fxquant.Recipe.bnn())
         opt = torch.optim.SGD(prepared.parameters(), lr=0.1)
@@ -234,6 +247,59 @@ class TestResNet18Style:
         loss.backward()
         opt.step()
         assert not torch.equal(before, conv.weight)
+
+
+class SignAfterEachKind(nn.Module):
+    """Binary layers fed by a relu (module and functional), a batch norm and a hardtanh."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(2, 4, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.after_module_relu = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.after_bn = nn.Conv2d(4, 4, 3, padding=1)
+        self.after_relu = nn.Conv2d(4, 4, 3, padding=1)
+        self.after_hardtanh = nn.Linear(4 * 5 * 5, 3)
+
+    def forward(self, x):
+        h = self.after_module_relu(self.relu(self.stem(x)))
+        h = self.after_bn(self.bn(h))
+        h = self.after_relu(torch.relu(h))
+        return self.after_hardtanh(F.hardtanh(h).flatten(1))
+
+
+class TestCompactBinaryInputs:
+    def test_a_sign_keeps_its_input_only_where_a_relu_keeps_it_anyway(self):
+        prepared = fxquant.prepare(SignAfterEachKind(), fxquant.Recipe(input="ste_sign",
+                                                                      weight="ste_sign"))
+        keeps = {name.removesuffix("_input_quantizer"): m.save_input
+                 for name, m in prepared.named_modules() if name.endswith("_input_quantizer")}
+        assert keeps == {"stem": False, "after_module_relu": True, "after_bn": False,
+                         "after_relu": True, "after_hardtanh": False}
+        assert prepared.code.count("fxquant_nn_") == 5
+
+    def test_gradients_equal_a_hand_written_reference(self):
+        model = SignAfterEachKind()
+        prepared = fxquant.prepare(model, fxquant.Recipe(input="ste_sign", weight="ste_sign"))
+        m = copy.deepcopy(model)
+
+        def reference(x):
+            def conv(layer, h):
+                return F.conv2d(ste_sign(h), ste_sign(layer.weight), layer.bias, 1, 1)
+            h = conv(m.after_module_relu, F.relu(conv(m.stem, x)))
+            h = conv(m.after_relu, F.relu(conv(m.after_bn, m.bn(h))))
+            h = F.hardtanh(h).flatten(1)
+            return F.linear(ste_sign(h), ste_sign(m.after_hardtanh.weight), m.after_hardtanh.bias)
+
+        x = torch.randn(3, 2, 5, 5, requires_grad=True)
+        prepared(x).square().sum().backward()
+        got = [x.grad.clone()] + [p.grad for p in prepared.parameters()]
+        x.grad = None
+        reference(x).square().sum().backward()
+        want = [x.grad] + [p.grad for p in m.parameters()]
+        for g, e in zip(got, want, strict=True):
+            torch.testing.assert_close(g, e, rtol=0, atol=0)
 
 
 class TestWrappersAndSharing:

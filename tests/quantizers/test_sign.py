@@ -26,6 +26,7 @@ from fxquant.quantizers import (
     ste_sign,
     swish_sign,
 )
+from fxquant.quantizers._common import sign_source
 from fxquant.quantizers.sign import default_transform
 from tests.helpers import down, exact, traced_inference, up
 
@@ -69,6 +70,15 @@ def forward_backward(fn, x, upstream=None):
     y = fn(x)
     y.backward(torch.ones_like(y) if upstream is None else upstream)
     return y.detach(), x.grad
+
+
+# ste_sign's two ways of keeping what backward needs, which must give the same gradient
+SAVING_MODES = {
+    "mask": lambda t: ste_sign(t * 1.0),  # an activation: a one-byte mask
+    "input": ste_sign,  # a leaf: the input itself
+    "forced mask": lambda t: ste_sign(t, save_input=False),
+    "forced input": lambda t: ste_sign(t * 1.0, save_input=True),
+}
 
 
 def saved_tensors_of(fn, x):
@@ -225,10 +235,11 @@ class TestSteSign:
     def test_all_zero_input_gives_all_ones(self):
         exact(ste_sign(torch.zeros(5)), torch.ones(5))
 
+    @pytest.mark.parametrize("mode", SAVING_MODES)
     @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-    def test_gradient_window_is_closed_and_shut_at_nan_inf(self, dtype):
+    def test_gradient_window_is_closed_and_shut_at_nan_inf(self, dtype, mode):
         x = edge_values(dtype)
-        _, grad = forward_backward(ste_sign, x)
+        _, grad = forward_backward(SAVING_MODES[mode], x)
         expected = (x.abs() <= 1).to(dtype)
         exact(grad, expected)
         assert grad[x.tolist().index(1.0)] == 1 and grad[x.tolist().index(up(1.0, dtype))] == 0
@@ -237,14 +248,16 @@ class TestSteSign:
         (0.5, torch.float32), (0.1, torch.float32), (0.1, torch.float16), (0.1, torch.bfloat16),
         (0.1, torch.float64), (3.0, torch.float32), (0.0, torch.float32), (INF, torch.float32),
     ])
-    def test_clip_value_compared_in_input_dtype(self, clip_value, dtype):
+    @pytest.mark.parametrize("save_input", [True, False])
+    def test_clip_value_compared_in_input_dtype(self, clip_value, dtype, save_input):
         c = torch.tensor(clip_value, dtype=dtype).item()  # clip rounded to x's dtype
         values = [c, -c, down(c, dtype), -down(c, dtype), up(c, dtype), -up(c, dtype), 0.0, -0.0]
         x = torch.tensor(values, dtype=dtype)
-        _, grad = forward_backward(lambda t: ste_sign(t, clip_value), x)
+        _, grad = forward_backward(lambda t: ste_sign(t, clip_value, save_input=save_input), x)
         exact(grad, (x.abs() <= c).to(dtype))
 
-    def test_random_upstream_selected_exactly(self):
+    @pytest.mark.parametrize("mode", SAVING_MODES)
+    def test_random_upstream_selected_exactly(self, mode):
         gen = torch.Generator().manual_seed(1)
         x = torch.randn(1000, generator=gen) * 1.5
         g = torch.randn(1000, generator=gen)
@@ -252,7 +265,7 @@ class TestSteSign:
         g[5::89] = -INF
         g[7::83] = NAN
         g[11::50] = -0.0
-        _, grad = forward_backward(ste_sign, x, upstream=g)
+        _, grad = forward_backward(SAVING_MODES[mode], x, upstream=g)
         window = x.abs() <= 1
         exact(grad, select_oracle(window, g))
         assert_positive_zero(grad, ~window)  # shut window gives +0, never -0 or inf*0 = NaN
@@ -277,10 +290,35 @@ class TestSteSign:
         _, grad = forward_backward(ste_sign, x)
         exact(grad, torch.where(x.abs() <= 1, 1.0, 0.0))
 
-    def test_saves_only_a_bool_mask(self):
-        saved, x = saved_tensors_of(ste_sign, torch.randn(64))
+    def test_an_activation_is_saved_as_a_bool_mask(self):
+        saved, x = saved_tensors_of(lambda t: ste_sign(t * 1.0), torch.randn(64))
         assert len(saved) == 1
-        assert all(t.dtype in (torch.bool, torch.uint8) for t in saved)
+        assert saved[0].dtype == torch.bool
+
+    def test_a_parameter_is_saved_as_itself(self):
+        """A leaf that requires grad stays alive for its gradient anyway: no mask is made."""
+        saved, x = saved_tensors_of(ste_sign, torch.randn(64))
+        assert len(saved) == 1 and saved[0] is x
+
+    def test_save_input_overrides_the_default(self):
+        saved, _ = saved_tensors_of(lambda t: ste_sign(t * 1.0, save_input=True), torch.randn(8))
+        assert len(saved) == 1 and saved[0].dtype == torch.float32
+        saved, _ = saved_tensors_of(lambda t: ste_sign(t, save_input=False), torch.randn(8))
+        assert len(saved) == 1 and saved[0].dtype == torch.bool
+
+    def test_module_tags_its_output_with_the_input_it_keeps(self):
+        h = torch.randn(8, requires_grad=True) * 1.0
+        q = SteSign()
+        assert q.sign_gradient(h) is None  # an activation: a mask, no source
+        assert sign_source(q(h)) is None
+        q.save_input = True
+        source, gradient = sign_source(q(h))
+        assert source is h
+        g = torch.randn(8)
+        d = h.detach()  # surrogates run inside backward, on tensors without autograd
+        exact(gradient(d, g, torch.empty_like(d)), select_oracle(d.abs() <= 1, g))
+        with torch.no_grad():
+            assert sign_source(q(h)) is None  # nothing is kept without autograd
 
     def test_saves_nothing_without_window(self):
         saved, _ = saved_tensors_of(lambda t: ste_sign(t, None), torch.randn(64))

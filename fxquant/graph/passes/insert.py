@@ -13,7 +13,13 @@ from torch import nn
 from fxquant import nn as fxquant_nn
 from fxquant.graph.clone import clone_module
 from fxquant.graph.meta import QuantRecord, Slot, get_record, set_record, update_record
-from fxquant.graph.patterns import FUNCTIONAL_FORM, layer_arg, pattern_end, set_layer_arg
+from fxquant.graph.patterns import (
+    FUNCTIONAL_FORM,
+    keeps_output_for_backward,
+    layer_arg,
+    pattern_end,
+    set_layer_arg,
+)
 from fxquant.graph.recipe import Recipe
 from fxquant.quantizers.base import Quantizer, get
 
@@ -152,12 +158,25 @@ _COMPACT_FORM.update({torch.conv1d: fxquant_nn.conv1d, torch.conv2d: fxquant_nn.
 
 def compact_binary_inputs(gm: torch.fx.GraphModule, recipe: Recipe) -> torch.fx.GraphModule:
     """Layers fed by a ±1 input quantizer call :mod:`fxquant.nn`'s version of their function,
-    which saves that input as one byte per value for backward instead of four (same forward)."""
+    which keeps that input for backward in one byte per value instead of four (same forward).
+
+    Where the quantizer's own input is kept alive for backward anyway (the output of a relu,
+    sigmoid or tanh), the quantizer is told to save that input rather than a mask
+    (``save_input``); the layer then keeps it too and rebuilds the ±1 tensor in backward: no
+    bytes beyond what the float model saves, and fewer passes over memory.
+    """
+    modules = dict(gm.named_modules())
     for node, _ in _layers(gm, "input"):
         x = layer_arg(node, "input")
         if (node.op != "call_function" or node.target not in _COMPACT_FORM
                 or not isinstance(x, torch.fx.Node) or x.op != "call_module"):
             continue
-        if getattr(gm.get_submodule(str(x.target)), "plus_minus_one", False):
-            node.target = _COMPACT_FORM[node.target]
+        quantizer = modules[str(x.target)]
+        if not getattr(quantizer, "plus_minus_one", False):
+            continue
+        node.target = _COMPACT_FORM[node.target]
+        source = x.args[0] if x.args else None
+        if (hasattr(quantizer, "save_input") and isinstance(source, torch.fx.Node)
+                and keeps_output_for_backward(source, modules)):
+            quantizer.save_input = True
     return gm
