@@ -52,8 +52,9 @@ def _saturating_factor(dtype: torch.dtype) -> float:
     return math.ldexp(1.0, math.frexp(torch.finfo(dtype).max)[1] - 1)
 
 
-def _saturate_into(src: Tensor, out: Tensor, bias: float | Tensor, low: float) -> Tensor:
-    """``out <- clamp(bias + B*B*src, low, 1)`` with in-place arithmetic (``out`` may be ``src``).
+def _saturate_into(src: Tensor, out: Tensor | None, bias: float | Tensor, low: float) -> Tensor:
+    """``out <- clamp(bias + B*B*src, low, 1)`` with in-place arithmetic (``out`` may be ``src``,
+    or None for a fresh tensor).
 
     ``B*B`` pushes every non-zero finite value (subnormals included) to a magnitude of at least 2
     (or to ``±inf``), so after the clamp it lands on ``low`` or ``1``; ``±0`` becomes ``bias``
@@ -65,16 +66,21 @@ def _saturate_into(src: Tensor, out: Tensor, bias: float | Tensor, low: float) -
     0-dim tensor of ``src``'s dtype.
     """
     big = _saturating_factor(src.dtype)
-    bias_t = (bias if isinstance(bias, Tensor)
-              else torch.full((), bias, dtype=src.dtype, device=src.device))
-    torch.mul(src, big, out=out)
+    bias_t = bias if isinstance(bias, Tensor) else _constant(bias, src.dtype, src.device)
+    out = torch.mul(src, big) if out is None else torch.mul(src, big, out=out)
     torch.add(bias_t, out, alpha=big, out=out)
     return out.clamp_(low, 1.0)
 
 
+@functools.lru_cache(maxsize=64)
+def _constant(value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A cached 0-dim tensor (read only: never modify it in place)."""
+    return torch.full((), value, dtype=dtype, device=device)
+
+
 def _binary_sign(x: Tensor) -> Tensor:
     """Fresh tensor: -1 for x < 0, +1 for x >= 0 (also -0 and negative subnormals), NaN -> NaN."""
-    return _saturate_into(x, torch.empty_like(x), 1.0, -1.0)
+    return _saturate_into(x, None, 1.0, -1.0)
 
 
 # A surrogate gradient ``(x, grad, scratch) -> gradient w.r.t. x``; ``scratch`` is a tensor like
@@ -144,17 +150,23 @@ def _select_in_window(x: Tensor, clip_value: float, grad: Tensor,
     """``grad`` where ``abs(x) <= clip_value`` (False at NaN) else ``+0``, exactly.
 
     Like ``_select(_window(abs(x), clip_value), grad)`` in one buffer (``out``, like ``x`` and not
-    aliasing ``grad``, or a fresh one): the window is computed there as 0.0 / 1.0, its integer
-    view clamped to 0 / 1 (the bits of +0.0 are all zero, those of 1.0 a positive integer) and
-    multiplied in place by the bits of ``grad``.
+    aliasing ``grad``, or a fresh one) and three passes: ``abs(x)`` there, then its integer view
+    compared in place with the bits of ``clip_value`` (for non-negative floats, NaN and ``inf``
+    included, the order of the bit patterns is the order of the values), which leaves 0 / 1,
+    then multiplied in place by the bits of ``grad``.
     """
-    mask = torch.abs(x, out=out) if out is not None else torch.abs(x)
-    mask.le_(clip_value)
+    magnitude = torch.abs(x, out=out) if out is not None else torch.abs(x)
     as_int = _SAME_WIDTH_INT.get(grad.dtype)
-    if as_int is None or mask.dtype != grad.dtype or mask.shape != grad.shape:
-        return _select(mask, grad)
-    bits = mask.view(as_int).clamp_(max=1)
+    if as_int is None or magnitude.dtype != grad.dtype or magnitude.shape != grad.shape:
+        return _select(magnitude.le_(clip_value), grad)
+    bits = magnitude.view(as_int).le_(_bits_of(clip_value, grad.dtype))
     return bits.mul_(grad.view(as_int)).view(grad.dtype)
+
+
+@functools.cache
+def _bits_of(value: float, dtype: torch.dtype) -> int:
+    """The bit pattern of ``value`` rounded to ``dtype``, as a signed integer of its width."""
+    return int(torch.tensor(value, dtype=dtype).view(_SAME_WIDTH_INT[dtype]).item())
 
 
 def _track_grad(x: Tensor) -> bool:

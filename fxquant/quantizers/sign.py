@@ -166,7 +166,9 @@ class SteSign(Quantizer):
         self.clip_value = _check_clip(clip_value, "SteSign")
 
     def forward(self, x: Tensor) -> Tensor:
-        return ste_sign(x, self.clip_value, save_input=self.save_input or None)
+        check_floating(x, "ste_sign")  # clip_value was checked in __init__
+        keep = _keeps_input(x, self.clip_value, self.save_input or None)
+        return _SteSign.apply(x, self.clip_value if _track_grad(x) else None, keep)
 
     def sign_gradient(self, x: Tensor) -> Surrogate | None:
         if not _keeps_input(x, self.clip_value, self.save_input or None):
