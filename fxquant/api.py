@@ -16,7 +16,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from fxquant import io, training
 from fxquant.graph.clone import clone_module
 from fxquant.graph.meta import get_record
-from fxquant.graph.pipeline import LOWER, PREPARE, run
+from fxquant.graph.pipeline import LOWER, PREPARE, DeferredGraphModule, run
 from fxquant.graph.recipe import Recipe
 from fxquant.graph.tracer import trace
 from fxquant.quantizers.base import Quantizer
@@ -68,7 +68,7 @@ def prepare(model: nn.Module, recipe: Recipe, *, example_inputs: Sequence[Any] |
     leaf_modules = list(leaf_modules)
     with _paused_gc():
         model = clone_module(_unwrap(model))
-        gm = run(trace(model, concrete_args, leaf_modules), PREPARE, recipe)
+        gm = run(trace(model, concrete_args, leaf_modules, DeferredGraphModule), PREPARE, recipe)
     training.install_clip_warning(gm)
     setattr(gm, io.CONFIG_ATTR, io.options_to_plain(recipe, concrete_args, leaf_modules))
     if example_inputs is not None:
@@ -119,7 +119,7 @@ def convert(prepared: torch.fx.GraphModule) -> torch.fx.GraphModule:
 def _copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """An independent copy of a GraphModule (faster than ``copy.deepcopy`` on large models)."""
     graph = copy.deepcopy(gm.graph)  # keeps the graph's codegen (pytree in/out specs) and meta
-    return torch.fx.GraphModule(clone_module(gm), graph, type(gm).__name__)
+    return DeferredGraphModule(clone_module(gm), graph, type(gm).__name__)
 
 
 def is_converted(gm: torch.fx.GraphModule) -> bool:

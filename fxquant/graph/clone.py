@@ -11,6 +11,7 @@ tuples of them, dtypes, devices) and deep-copies anything else.
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -20,11 +21,13 @@ __all__ = ["clone_module"]
 
 _ATOMS = (int, float, complex, bool, str, bytes, type(None), torch.dtype, torch.device,
           torch.layout, torch.memory_format)
+_ATOM_TYPES = frozenset(_ATOMS)  # exact types, checked first (most attributes are these)
 _TENSOR_DICTS = ("_parameters", "_buffers")
+_EMPTY_CONTAINERS = frozenset((dict, set, OrderedDict))
 
 
 def _immutable(value: Any) -> bool:
-    if isinstance(value, _ATOMS):
+    if type(value) in _ATOM_TYPES or isinstance(value, _ATOMS):
         return True
     return isinstance(value, (tuple, frozenset)) and all(_immutable(v) for v in value)
 
@@ -51,14 +54,14 @@ def _clone(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
     memo[id(module)] = new
     state = {}
     for key, value in module.__dict__.items():
-        if key in _TENSOR_DICTS:
+        if type(value) in _EMPTY_CONTAINERS and not value:
+            state[key] = type(value)()  # empty hook dicts and the like
+        elif key in _TENSOR_DICTS:
             state[key] = {k: _clone_tensor(v, memo) for k, v in value.items()}
         elif key == "_modules":
             state[key] = {k: None if c is None else _clone(c, memo) for k, c in value.items()}
         elif _immutable(value):
             state[key] = value
-        elif isinstance(value, (dict, set)) and not value:
-            state[key] = type(value)()  # empty hook dicts and the like
         else:
             state[key] = copy.deepcopy(value, memo)
     new.__dict__.update(state)

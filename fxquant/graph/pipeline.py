@@ -22,7 +22,7 @@ from fxquant.graph.passes import (
     restore_plain_layers,
 )
 
-__all__ = ["PREPARE", "LOWER", "run"]
+__all__ = ["PREPARE", "LOWER", "run", "DeferredGraphModule"]
 
 Pass = Callable[..., torch.fx.GraphModule]
 
@@ -47,13 +47,41 @@ LOWER: tuple[Pass, ...] = (
 
 CHECK_EVERY_PASS = False  # lint after every pass (the test suite turns this on)
 
+_DEFERRED = "_fxquant_codegen_deferred"
+
+
+class DeferredGraphModule(torch.fx.GraphModule):
+    """A GraphModule whose Python code is generated once :func:`run` is done with it.
+
+    Building a ``torch.fx.GraphModule`` generates and compiles the code of its graph, which the
+    passes are about to rewrite; for the inputs of a pipeline that work is wasted. Until
+    :meth:`finish`, :meth:`recompile` does nothing (the module cannot be called yet); afterwards
+    it behaves as an ordinary GraphModule, and so do its copies (pickling gives plain ones).
+    """
+
+    def __init__(self, root: torch.nn.Module, graph: torch.fx.Graph,
+                 class_name: str = "GraphModule") -> None:
+        self.__dict__[_DEFERRED] = True  # read by recompile(), which __init__ calls
+        super().__init__(root, graph, class_name)
+
+    def recompile(self) -> torch.fx.graph.PythonCode:
+        if self.__dict__.get(_DEFERRED, False):
+            return None  # type: ignore[return-value]  # the graph setter ignores it
+        return super().recompile()
+
+    def finish(self) -> None:
+        """Generate the code now; from here on this is an ordinary GraphModule."""
+        self.__dict__.pop(_DEFERRED, None)
+        self.recompile()
+
 
 def run(gm: torch.fx.GraphModule, passes: Sequence[Pass], *args: Any) -> torch.fx.GraphModule:
-    """Apply ``passes`` in order (each called as ``p(gm, *args)``), lint, recompile once.
+    """Apply ``passes`` in order (each called as ``p(gm, *args)``), lint, generate code once.
 
     The graph is linted after the last pass, or after every pass when ``CHECK_EVERY_PASS`` is
-    set; a pass that breaks the graph is named in the error. Linting and recompiling once rather
-    than after every pass keeps prepare's cost close to a single trace.
+    set; a pass that breaks the graph is named in the error. Linting and generating code once
+    rather than after every pass (and not for the input either, when it is a
+    :class:`DeferredGraphModule`) keeps prepare's cost close to a single trace.
     """
     for i, p in enumerate(passes):
         gm = p(gm, *args)
@@ -63,5 +91,8 @@ def run(gm: torch.fx.GraphModule, passes: Sequence[Pass], *args: Any) -> torch.f
             except Exception as err:
                 raise RuntimeError(f"fxquant pass {p.__name__} produced an invalid graph: "
                                    f"{err}") from err
-    gm.recompile()
+    if isinstance(gm, DeferredGraphModule):
+        gm.finish()
+    else:
+        gm.recompile()
     return gm

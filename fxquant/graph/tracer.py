@@ -78,8 +78,11 @@ def _user_frame(err: BaseException) -> traceback.FrameSummary | None:
 
 
 def trace(model: nn.Module, concrete_args: dict[str, Any] | None = None,
-          leaf_modules: Iterable[str | type[nn.Module]] = ()) -> torch.fx.GraphModule:
-    """Trace ``model`` (not copied: the GraphModule shares its submodules) into a GraphModule."""
+          leaf_modules: Iterable[str | type[nn.Module]] = (),
+          graph_module_class: type[torch.fx.GraphModule] = torch.fx.GraphModule
+          ) -> torch.fx.GraphModule:
+    """Trace ``model`` (not copied: the GraphModule shares its submodules) into a GraphModule
+    of ``graph_module_class``."""
     tracer = QuantTracer(leaf_modules)
     try:
         graph = tracer.trace(model, concrete_args)
@@ -98,7 +101,7 @@ def trace(model: nn.Module, concrete_args: dict[str, Any] | None = None,
             f"tensor values, len() or iteration of tensors."
         ) from err
     _keep_concrete_defaults(graph, concrete_args or {})
-    return torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
+    return graph_module_class(tracer.root, graph, type(model).__name__)
 
 
 def _keep_concrete_defaults(graph: torch.fx.Graph, concrete_args: dict[str, Any]) -> None:

@@ -7,7 +7,7 @@ import warnings
 import torch.fx
 
 from fxquant.graph.meta import QuantRecord, set_record
-from fxquant.graph.patterns import match_layer
+from fxquant.graph.patterns import Submodules, match_layer
 from fxquant.graph.recipe import LayerInfo, Recipe
 
 __all__ = ["annotate_layers"]
@@ -19,7 +19,7 @@ def annotate_layers(gm: torch.fx.GraphModule, recipe: Recipe) -> torch.fx.GraphM
     Layers are ``nn.Linear``/``nn.Conv{1,2,3}d`` calls and ``F.linear``/``F.conv{1,2,3}d`` calls
     whose weight is a parameter. ``strict`` recipes raise ValueError for a rule matching no layer.
     """
-    modules = dict(gm.named_modules())
+    modules = Submodules(gm)
     found = [(node, match) for node in gm.graph.nodes
              if (match := match_layer(node, modules)) is not None]
     last = len(found) - 1

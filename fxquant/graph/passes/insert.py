@@ -15,6 +15,7 @@ from fxquant.graph.clone import clone_module
 from fxquant.graph.meta import QuantRecord, Slot, get_record, set_record, update_record
 from fxquant.graph.patterns import (
     FUNCTIONAL_FORM,
+    Submodules,
     keeps_output_for_backward,
     layer_arg,
     pattern_end,
@@ -91,7 +92,7 @@ def insert_weight_quantizers(gm: torch.fx.GraphModule, recipe: Recipe) -> torch.
 
     The module keeps owning its parameters, so the state_dict keys stay those of the float model.
     """
-    modules = dict(gm.named_modules())
+    modules = Submodules(gm)
     prototypes: dict[int, tuple[Any, Quantizer]] = {}
     for node, record in _layers(gm, "weight"):
         with gm.graph.inserting_before(node):
@@ -130,7 +131,7 @@ def _insert_after(gm: torch.fx.GraphModule, layer: torch.fx.Node, record: QuantR
 
 def insert_output_quantizers(gm: torch.fx.GraphModule, recipe: Recipe) -> torch.fx.GraphModule:
     """Quantize the end of ``layer -> [batch norm] -> [relu/hardtanh]`` (WAGE's A placement)."""
-    modules = dict(gm.named_modules())
+    modules = Submodules(gm)
     prototypes: dict[int, tuple[Any, Quantizer]] = {}
     for node, record in _layers(gm, "output"):
         _insert_after(gm, node, record, "output", pattern_end(node, modules), prototypes)
@@ -139,7 +140,7 @@ def insert_output_quantizers(gm: torch.fx.GraphModule, recipe: Recipe) -> torch.
 
 def insert_error_quantizers(gm: torch.fx.GraphModule, recipe: Recipe) -> torch.fx.GraphModule:
     """Identity forward, gradient quantizer backward (WAGE's E), after the output quantizer."""
-    modules = dict(gm.named_modules())
+    modules = Submodules(gm)
     prototypes: dict[int, tuple[Any, Quantizer]] = {}
     for node, record in _layers(gm, "error"):
         anchor = pattern_end(node, modules)
@@ -165,7 +166,7 @@ def compact_binary_inputs(gm: torch.fx.GraphModule, recipe: Recipe) -> torch.fx.
     (``save_input``); the layer then keeps it too and rebuilds the ±1 tensor in backward: no
     bytes beyond what the float model saves, and fewer passes over memory.
     """
-    modules = dict(gm.named_modules())
+    modules = Submodules(gm)
     for node, _ in _layers(gm, "input"):
         x = layer_arg(node, "input")
         if (node.op != "call_function" or node.target not in _COMPACT_FORM
