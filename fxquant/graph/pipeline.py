@@ -69,6 +69,11 @@ class DeferredGraphModule(torch.fx.GraphModule):
             return None  # type: ignore[return-value]  # the graph setter ignores it
         return super().recompile()
 
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.__dict__.get(_DEFERRED, False):
+            raise RuntimeError("this GraphModule has no code yet: call finish() first")
+        return super().__call__(*args, **kwargs)
+
     def finish(self) -> None:
         """Generate the code now; from here on this is an ordinary GraphModule."""
         self.__dict__.pop(_DEFERRED, None)

@@ -40,7 +40,7 @@ def test_deferred_module_generates_code_only_when_finished(monkeypatch):
     assert calls == []  # building it generated nothing
     gm.recompile()
     assert calls == []
-    with pytest.raises(AttributeError):  # no code yet: it cannot run
+    with pytest.raises(RuntimeError, match="finish"):  # no code yet: it cannot run
         gm(torch.randn(2, 64))
     gm.finish()
     assert calls == ["MLP"]
