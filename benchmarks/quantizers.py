@@ -34,11 +34,21 @@ from fxquant.quantizers import (
     SteSign,
     SteTern,
     SwishSign,
+    ste_sign,
 )
 from fxquant.wage import WAGEError, WAGEQuantizer, WAGEWeight
 
+
+class _MaskSteSign(torch.nn.Module):
+    """ste_sign as it treats an activation: a one-byte mask saved, not the input."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ste_sign(x, save_input=False)
+
+
 CASES: dict[str, Callable[[], torch.nn.Module]] = {
-    "ste_sign": SteSign,
+    "ste_sign": SteSign,  # the input here is a leaf, so ste_sign saves it (no mask)
+    "ste_sign(mask)": _MaskSteSign,
     "approx_sign": ApproxSign,
     "swish_sign": SwishSign,
     "magnitude_aware_sign": MagnitudeAwareSign,

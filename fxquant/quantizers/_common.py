@@ -119,15 +119,19 @@ def sign_source(t: Tensor) -> tuple[Tensor, Surrogate] | None:
     return getattr(t, _SIGN_SOURCE, None)
 
 
-def _window(magnitude: Tensor, clip_value: float | None) -> Tensor | None:
+def _window(magnitude: Tensor, clip_value: float | None, *,
+            consume: bool = False) -> Tensor | None:
     """Bool mask ``magnitude <= clip_value`` (False at NaN), or None for no window.
 
-    Compared in ``magnitude``'s dtype into a float 0/1 buffer, then narrowed to bool: on CPU
-    about three times faster than a comparison that writes bool directly.
+    With ``consume=True`` the comparison is made in place in ``magnitude`` (as 0.0 / 1.0, which
+    the caller then overwrites) and narrowed to bool: on CPU about three times faster than a
+    comparison that writes bool, with no extra buffer.
     """
     if clip_value is None:
         return None
-    return torch.le(magnitude, clip_value, out=torch.empty_like(magnitude)).to(torch.bool)
+    if consume:
+        return magnitude.le_(clip_value).to(torch.bool)
+    return magnitude.le(clip_value)
 
 
 def _select(window: Tensor, grad: Tensor) -> Tensor:

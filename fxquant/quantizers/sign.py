@@ -100,7 +100,7 @@ class _SteSign(torch.autograd.Function):
             ctx.save_for_backward(x)
             return _binary_sign(x)
         out = torch.abs(x)  # |x|, then reused as the output buffer
-        ctx.save_for_backward(_window(out, clip_value))
+        ctx.save_for_backward(_window(out, clip_value, consume=True))
         return _saturate_into(x, out, 1.0, -1.0)
 
     @staticmethod
@@ -415,8 +415,8 @@ class MagnitudeAwareSign(Quantizer):
 class _SteHeaviside(torch.autograd.Function):
     @staticmethod
     def forward(ctx: FunctionCtx, x: Tensor, clip_value: float | None) -> Tensor:
-        out = torch.abs(x)
-        window = _window(out, clip_value)
+        out = torch.abs(x)  # |x|, then reused as the output buffer
+        window = _window(out, clip_value, consume=True)
         ctx.window = window is not None
         if window is not None:
             ctx.save_for_backward(window)
