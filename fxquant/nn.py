@@ -1,12 +1,20 @@
-"""Layer functions that keep a binary (±1) input as one byte per value for backward.
+"""Layer functions that keep a binary (±1) input cheaply for backward.
 
 A convolution or linear layer saves its input for the weight gradient. After a binary sign
 quantizer that input is a float tensor of ±1: 4 bytes to remember 1 bit. These functions take
-exactly the arguments of ``F.linear`` / ``F.conv{1,2,3}d`` and compute the same forward with
-the same kernel; when the input is the tagged output of a ±1 quantizer they save where it is +1
-(one byte per value instead of four) and rebuild ``±1`` in backward, where the gradients come from
-the same ATen backward kernels autograd uses. Any other input (a disabled quantizer, a plain
-tensor) takes the ordinary path, so they are always safe to call. (A NaN
+exactly the arguments of ``F.linear`` / ``F.conv{1,2,3}d`` and compute the same forward with the
+same kernel; when the input is the tagged output of a ±1 quantizer they keep less:
+
+* if the tag names the sign's *source* (the quantizer's input, which the quantizer keeps for its
+  own backward) and its surrogate gradient (:meth:`fxquant.quantizers.Quantizer.sign_gradient`),
+  the layer takes the source as its autograd input and keeps it (no bytes of its own), rebuilds
+  the ±1 tensor in backward and applies the surrogate gradient there, in the rebuilt buffer;
+  a ±1 *weight* tagged the same way (a binary latent parameter) is handled alike;
+* otherwise it keeps where the input is +1, one byte per value, and rebuilds ``±1`` from it.
+
+The gradients come from the same ATen backward kernels autograd uses and equal the unfused
+quantizer-then-layer gradients bit for bit. Any other input (a disabled quantizer, a plain
+tensor) takes the ordinary path, so they are always safe to call. (With the one-byte form a NaN
 input, which a sign passes on, is rebuilt as +1 for the weight gradient; the forward is
 unaffected.)
 
@@ -69,7 +77,8 @@ class _Plan:
 def _plan(x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor, _Plan]:
     """The autograd inputs (x or its source, weight or its source) and the plan."""
     x_src, w_src = sign_source(x), sign_source(weight)
-    plan = _Plan(x, weight, x_src and x_src[1], w_src and w_src[1])
+    plan = _Plan(x, weight, None if x_src is None else x_src[1],
+                 None if w_src is None else w_src[1])
     return (x if x_src is None else x_src[0]), (weight if w_src is None else w_src[0]), plan
 
 
@@ -165,7 +174,7 @@ def _tracing(*args: Any) -> bool:
 
 
 def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:  # noqa: A002
-    """``F.linear`` that saves a tagged ±1 input as one byte per value for backward."""
+    """``F.linear`` that keeps a tagged ±1 input cheaply for backward (see the module doc)."""
     if _tracing(input, weight, bias):
         return _traced(linear, (input, weight, bias))
     if not _compact(input, weight):
@@ -187,7 +196,7 @@ def _conv(n: int) -> Callable[..., Tensor]:
         return _CompactConv.apply(x, w, bias, plan, n, stride, padding, dilation, groups)
 
     conv.__name__ = conv.__qualname__ = f"conv{n}d"
-    conv.__doc__ = f"``F.conv{n}d`` that saves a tagged ±1 input as one byte per value."
+    conv.__doc__ = f"``F.conv{n}d`` that keeps a tagged ±1 input cheaply for backward."
     return conv
 
 
