@@ -23,16 +23,22 @@ CASES = [  # (compact fn, plain fn, input shape, weight shape, extra args)
 ]
 
 
-def _saved_dtypes(fn):
-    dtypes = []
+def _saved(fn):
+    """``fn()``'s result and the tensors autograd saved while running it."""
+    saved = []
 
     def pack(t):
-        dtypes.append(t.dtype)
+        saved.append(t)
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
-    return out, dtypes
+    return out, saved
+
+
+def _saved_dtypes(fn):
+    out, saved = _saved(fn)
+    return out, [t.dtype for t in saved]
 
 
 @pytest.mark.parametrize("compact, plain, xshape, wshape, extra", CASES)
@@ -58,14 +64,7 @@ def test_same_values_and_gradients_as_the_plain_layer(compact, plain, xshape, ws
 def test_only_a_bool_copy_of_the_input_is_saved(compact, plain, xshape, wshape, extra):
     x = torch.randn(xshape)
     w = torch.randn(wshape, requires_grad=True)
-    saved = []
-
-    def pack(t):
-        saved.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        compact(SteSign()(x), w, None, *extra)
+    _, saved = _saved(lambda: compact(SteSign()(x), w, None, *extra))
     (signs,) = [t for t in saved if t.dtype == torch.bool]
     assert torch.equal(signs, x > 0)
     dtypes = [t.dtype for t in saved]
@@ -198,14 +197,7 @@ def test_sign_sources_give_exactly_the_unfused_gradients(make, reference, compac
 def test_a_sign_source_is_saved_instead_of_the_output(compact, plain, xshape, wshape, extra):
     h = torch.randn(xshape, requires_grad=True) * 1.0
     latent = torch.randn(wshape, requires_grad=True)
-    saved = []
-
-    def pack(t):
-        saved.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        compact(_keeping(SteSign())(h), SteSign()(latent), None, *extra)
+    _, saved = _saved(lambda: compact(_keeping(SteSign())(h), SteSign()(latent), None, *extra))
     ptrs = {t.untyped_storage().data_ptr() for t in saved}
     assert ptrs == {h.untyped_storage().data_ptr(), latent.untyped_storage().data_ptr()}
     assert all(t.dtype == torch.float32 for t in saved)
