@@ -231,3 +231,24 @@ def test_nan_and_inf_sources_give_the_reference_gradients():
     for g, e in zip(got, want, strict=True):
         exact(g, e)
     assert torch.equal(got[1][1, :2], torch.zeros(2))  # no gradient through ±inf
+
+
+def test_autocast_gives_the_same_numbers_as_the_plain_layers():
+    """Under CPU bfloat16 autocast the compact layers match plain F.conv2d/F.linear exactly."""
+    model = resnet18(width=4)
+    x, y = torch.randn(2, 3, 16, 16), torch.tensor([1, 2])
+    results = []
+    for compact in (True, False):
+        prepared = fxquant.prepare(model, fxquant.Recipe.bnn())
+        if not compact:
+            for node in prepared.graph.nodes:
+                if node.op == "call_function" and node.target in fnn.PLAIN_FORM:
+                    node.target = fnn.PLAIN_FORM[node.target]
+            prepared.recompile()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = prepared(x)
+        F.cross_entropy(out.float(), y).backward()
+        results.append([out.detach()] + [p.grad for p in prepared.parameters()])
+    assert "fxquant_nn_conv2d" in fxquant.prepare(model, fxquant.Recipe.bnn()).code
+    for got, want in zip(*results, strict=True):
+        exact(got, want)
