@@ -10,13 +10,7 @@ import pytest
 import torch
 
 from fxquant.quantizers.fixed_point import fixed_point_quantize, fixed_point_quantize_mask
-
-NAN, INF = math.nan, math.inf
-FLOAT_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
-
-
-def exact(actual, expected):
-    torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True)
+from tests.helpers import FLOAT_DTYPES, INF, NAN, exact, t
 
 
 def bounds(wl, fl, symmetric):
@@ -34,10 +28,6 @@ def oracle(x, wl, fl, clamp=True, symmetric=False):
         mask = (q > t_max) | (q < t_min)
         q = torch.clamp(q, t_min, t_max)
     return q.to(x.dtype), mask
-
-
-def t(values, dtype=torch.float32):
-    return torch.tensor(values, dtype=dtype)
 
 
 class TestFixedPointNearest:

@@ -37,41 +37,23 @@ from fxquant.quantizers.kbit import (
     round_ste,
     step_quantize,
 )
-from tests.helpers import traced_inference
+from tests.helpers import (
+    FLOAT_DTYPES,
+    INF,
+    NAN,
+    down,
+    exact,
+    forward_backward,
+    t,
+    traced_inference,
+    up,
+)
 
-NAN, INF = math.nan, math.inf
 F32 = torch.float32
-FLOAT_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 
 
 # ------------------------------------------------------------------------------------------------
 # helpers
-
-
-def t(values: list[float], dtype: torch.dtype = F32) -> torch.Tensor:
-    return torch.tensor(values, dtype=dtype)
-
-
-def exact(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    """Bit-for-bit (NaN-aware) equality, dtype included."""
-    torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True)
-
-
-def forward_backward(fn, x: torch.Tensor, g: torch.Tensor | None = None):
-    """Return (fn(x), dL/dx) for the upstream gradient g (ones by default)."""
-    x = x.detach().clone().requires_grad_(True)
-    y = fn(x)
-    y.backward(torch.ones_like(y) if g is None else g)
-    return y.detach(), x.grad
-
-
-def up(v: float, dtype: torch.dtype = F32) -> float:
-    """The next representable value above v in dtype."""
-    return torch.nextafter(torch.tensor(v, dtype=dtype), torch.tensor(INF, dtype=dtype)).item()
-
-
-def down(v: float, dtype: torch.dtype = F32) -> float:
-    return torch.nextafter(torch.tensor(v, dtype=dtype), torch.tensor(-INF, dtype=dtype)).item()
 
 
 def grid(i: int, n: int) -> float:

@@ -4,7 +4,6 @@ Every expectation comes from an independent oracle: a closed-form formula writte
 literal vector from the reference document (larq/bitorch tests, reference §1.13, §2.7, §8, §10).
 """
 
-import math
 import operator
 
 import pytest
@@ -28,11 +27,18 @@ from fxquant.quantizers import (
 )
 from fxquant.quantizers._common import sign_source
 from fxquant.quantizers.sign import default_transform
-from tests.helpers import down, exact, traced_inference, up
+from tests.helpers import (
+    FLOAT_DTYPES,
+    INF,
+    NAN,
+    assert_same_bits,
+    down,
+    exact,
+    forward_backward,
+    traced_inference,
+    up,
+)
 
-FLOAT_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
-NAN = math.nan
-INF = math.inf
 BITORCH_X = [-1.5, -1.0, -0.3, 0.0, 0.3, 1.0, 1.5]
 
 
@@ -62,14 +68,6 @@ def sign_oracle(x):
 def select_oracle(window, g):
     """g where the window is open, +0 elsewhere."""
     return torch.where(window, g, torch.zeros((), dtype=g.dtype))
-
-
-def forward_backward(fn, x, upstream=None):
-    """(output, input gradient) of ``fn`` at ``x`` for the upstream gradient (default ones)."""
-    x = x.detach().clone().requires_grad_()
-    y = fn(x)
-    y.backward(torch.ones_like(y) if upstream is None else upstream)
-    return y.detach(), x.grad
 
 
 # ste_sign's two ways of keeping what backward needs, which must give the same gradient
@@ -723,19 +721,6 @@ class TestProgressiveSign:
 
 # ------------------------------------------------------------------------------------------------
 # inference (plain-op eval forward), forward_is_identity, get_config
-
-
-def assert_same_bits(actual, expected, label=""):
-    """Same dtype, shape and bit patterns (so -0 != +0); NaN matches NaN of any payload or sign.
-
-    NaN payloads are unspecified: the bfloat16 forward returns the canonical NaN for any NaN input,
-    ``inference`` passes the input's NaN through.
-    """
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape, label
-    torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True, msg=label)
-    as_int = {16: torch.int16, 32: torch.int32, 64: torch.int64}[torch.finfo(actual.dtype).bits]
-    keep = ~torch.isnan(expected)
-    assert torch.equal(actual[keep].view(as_int), expected[keep].view(as_int)), label
 
 
 def inference_inputs(dtype):

@@ -4,7 +4,6 @@ Oracles are written here: ``sign(x) * 1{abs(x) >= Delta}`` with Delta rounded to
 the TWN threshold recomputed with NumPy float32 arithmetic.
 """
 
-import math
 import operator
 
 import numpy as np
@@ -12,11 +11,17 @@ import pytest
 import torch
 
 from fxquant.quantizers import SteTern, get, ste_tern
-from tests.helpers import down, exact, traced_inference, up
-
-FLOAT_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
-NAN = math.nan
-INF = math.inf
+from tests.helpers import (
+    FLOAT_DTYPES,
+    INF,
+    NAN,
+    assert_same_bits,
+    down,
+    exact,
+    forward_backward,
+    traced_inference,
+    up,
+)
 
 
 def tern_oracle(x, delta):
@@ -27,13 +32,6 @@ def tern_oracle(x, delta):
 
 def in_dtype(value, dtype):
     return torch.tensor(value, dtype=dtype).item()
-
-
-def forward_backward(fn, x, upstream=None):
-    x = x.detach().clone().requires_grad_()
-    y = fn(x)
-    y.backward(torch.ones_like(y) if upstream is None else upstream)
-    return y.detach(), x.grad
 
 
 def random_with_zeros(seed=0, shape=(4, 10)):
@@ -257,19 +255,6 @@ class TestSteTernModule:
 
 # ------------------------------------------------------------------------------------------------
 # inference (plain-op eval forward), forward_is_identity, get_config
-
-
-def assert_same_bits(actual, expected, label=""):
-    """Same dtype, shape and bit patterns (so -0 != +0); NaN matches NaN of any payload or sign.
-
-    NaN payloads are unspecified: with TWN the forward's NaN at a ±inf element comes from
-    ``0 * inf``, the inference's from Delta; the bfloat16 forward canonicalises every NaN.
-    """
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape, label
-    torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True, msg=label)
-    as_int = {16: torch.int16, 32: torch.int32, 64: torch.int64}[torch.finfo(actual.dtype).bits]
-    keep = ~torch.isnan(expected)
-    assert torch.equal(actual[keep].view(as_int), expected[keep].view(as_int)), label
 
 
 INFERENCE_CASES = {

@@ -6,17 +6,7 @@ import pytest
 import torch
 
 from fxquant.wage import QG, QW, C, shift
-
-NAN, INF = math.nan, math.inf
-FLOAT_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
-
-
-def exact(actual, expected):
-    torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True)
-
-
-def t(values, dtype=torch.float32):
-    return torch.tensor(values, dtype=dtype)
+from tests.helpers import FLOAT_DTYPES, INF, NAN, exact, t
 
 
 def qpytorch_shift(x):

@@ -7,8 +7,7 @@ import torch
 from torch import nn
 
 from fxquant.wage import scale_limit, truncated_normal_, wage_init_
-
-FLOAT_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+from tests.helpers import FLOAT_DTYPES
 
 
 class TestTruncatedNormal:

@@ -3,7 +3,6 @@ observed QPyTorch values (reference §3.3, §10 "QPyTorch WAGE specifics")."""
 
 import copy
 import json
-import math
 
 import pytest
 import torch
@@ -16,18 +15,7 @@ from fxquant.wage import (
     wage_quantize,
     wage_weight_quantize,
 )
-from tests.helpers import traced_inference
-
-NAN, INF = math.nan, math.inf
-FLOAT_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
-
-
-def exact(actual, expected):
-    torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True)
-
-
-def t(values, dtype=torch.float32):
-    return torch.tensor(values, dtype=dtype)
+from tests.helpers import FLOAT_DTYPES, INF, NAN, exact, t, traced_inference
 
 
 def qa_oracle(x, bits):

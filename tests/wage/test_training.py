@@ -28,6 +28,7 @@ from fxquant.wage import (
     seed_rounding,
     wage_weights,
 )
+from tests.helpers import exact
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -157,10 +158,6 @@ def qpytorch_recipe(bits_W=2, bits_A=8, bits_E=8):
 def make_data(seed=0, n=16):
     g = torch.Generator().manual_seed(seed)
     return torch.rand(n, 1, 8, 8, generator=g) * 2 - 1, torch.randint(0, 10, (n,), generator=g)
-
-
-def exact(a, b):
-    torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
 
 
 def latent(prepared):
