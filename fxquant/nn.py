@@ -88,19 +88,19 @@ def _save(ctx: FunctionCtx, x: Tensor, weight: Tensor, plan: _Plan) -> None:
     ctx.save_for_backward(x if plan.x_gradient is not None else _pack_signs(plan.x), weight)
 
 
-def _rebuild(ctx: FunctionCtx) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(x, weight)`` as the forward used them, rebuilt exactly, then the two saved tensors."""
+def _rebuild(ctx: FunctionCtx) -> tuple[Tensor, Tensor]:
+    """``(x, weight)`` as the forward used them, rebuilt exactly from what :func:`_save` kept."""
     x_saved, w_saved = ctx.saved_tensors
     x_grad, w_grad = ctx.gradients
     x = _binary_sign(x_saved) if x_grad is not None else _unpack_signs(x_saved, ctx.dtype)
-    weight = _binary_sign(w_saved) if w_grad is not None else w_saved
-    return x, weight, x_saved, w_saved
+    return x, _binary_sign(w_saved) if w_grad is not None else w_saved
 
 
 def _through_quantizers(ctx: FunctionCtx, gx: Tensor | None, gw: Tensor | None, x: Tensor,
-                        weight: Tensor, x_saved: Tensor,
-                        w_saved: Tensor) -> tuple[Tensor | None, Tensor | None]:
-    """Apply the quantizers' surrogate gradients, using the rebuilt tensors as scratch."""
+                        weight: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    """Apply the quantizers' surrogate gradients at the saved sources; the rebuilt ``x`` and
+    ``weight`` (no longer needed) serve as their scratch buffers."""
+    x_saved, w_saved = ctx.saved_tensors
     x_grad, w_grad = ctx.gradients
     if x_grad is not None and gx is not None:
         gx = x_grad(x_saved, gx, x)
@@ -125,14 +125,14 @@ class _CompactConv(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
-        x, weight, x_saved, w_saved = _rebuild(ctx)
+        x, weight = _rebuild(ctx)
         n, stride, padding, dilation, groups = ctx.args
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
                 ctx.has_bias and ctx.needs_input_grad[2]]
         gx, gw, gb = torch.ops.aten.convolution_backward(
             grad, x, weight, [weight.shape[0]] if ctx.has_bias else None, stride, padding,
             dilation, False, [0] * n, groups, mask)
-        gx, gw = _through_quantizers(ctx, gx, gw, x, weight, x_saved, w_saved)
+        gx, gw = _through_quantizers(ctx, gx, gw, x, weight)
         return gx, gw, gb, None, None, None, None, None, None
 
 
@@ -147,7 +147,7 @@ class _CompactLinear(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
-        x, weight, x_saved, w_saved = _rebuild(ctx)
+        x, weight = _rebuild(ctx)
         gx = grad.matmul(weight) if ctx.needs_input_grad[0] else None
         flat = grad.reshape(-1, grad.shape[-1])
         gw = gb = None
@@ -155,7 +155,7 @@ class _CompactLinear(torch.autograd.Function):
             gw = flat.t().mm(x.reshape(-1, x.shape[-1]))
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = flat.sum(0)
-        gx, gw = _through_quantizers(ctx, gx, gw, x, weight, x_saved, w_saved)
+        gx, gw = _through_quantizers(ctx, gx, gw, x, weight)
         return gx, gw, gb, None
 
 

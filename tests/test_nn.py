@@ -204,21 +204,23 @@ def test_a_sign_source_is_saved_instead_of_the_output(compact, plain, xshape, ws
 
 
 def test_a_sign_output_used_twice_gets_both_gradients():
+    """The layer applies the sign's gradient to its share; the other use goes through the sign's
+    own backward: together they equal the hand-written oracle's gradient."""
     x0 = _edge_input((4, 6))
     w = torch.randn(3, 6)
+    scale = torch.arange(6.0)
     grads = []
-    for tagged in (True, False):
+    for sign, layer in ((_keeping(SteSign()), fnn.linear),
+                        (_ReferenceSteSign.apply, F.linear)):
         src = x0.clone().requires_grad_()
         latent = w.clone().requires_grad_()
-        q = _keeping(SteSign())(src * 1.0)
-        if not tagged:
-            q = q * 1.0  # a plain tensor: the layer takes the ordinary path
-        out = fnn.linear(q, SteSign()(latent)).sum() + (q * torch.arange(6.0)).sum()
+        w_sign = SteSign() if layer is fnn.linear else _ReferenceSteSign.apply
+        q = sign(src * 1.0)
+        out = layer(q, w_sign(latent)).sum() + (q * scale).sum()
         out.backward()
         grads.append((src.grad, latent.grad))
     for g, e in zip(*grads, strict=True):
         exact(g, e)
-
 
 
 def test_nan_and_inf_sources_give_the_reference_gradients():

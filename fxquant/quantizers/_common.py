@@ -161,7 +161,7 @@ def _select_in_window(x: Tensor, clip_value: float, grad: Tensor,
     """
     magnitude = torch.abs(x, out=out) if out is not None else torch.abs(x)
     as_int = _SAME_WIDTH_INT.get(grad.dtype)
-    if as_int is None or magnitude.dtype != grad.dtype or magnitude.shape != grad.shape:
+    if as_int is None or magnitude.dtype != grad.dtype:
         return _select(magnitude.le_(clip_value), grad)
     bits = magnitude.view(as_int).le_(_bits_of(clip_value, grad.dtype))
     return bits.mul_(grad.view(as_int)).view(grad.dtype)

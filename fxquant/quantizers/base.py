@@ -50,12 +50,18 @@ class Quantizer(nn.Module):
     without running ``forward`` or hooks. It is a plain attribute, checked only in
     :meth:`__call__`, not part of the ``state_dict`` or of :meth:`get_config`; deepcopy and pickle
     keep it. Use :func:`fxquant.training.set_quantizers_enabled` to flip it on a prepared model.
+
+    ``save_input`` (default False) is a memory hint, set by ``prepare`` where the quantizer's
+    input is kept alive for backward anyway (a relu output): a quantizer that can keep either
+    its input or a smaller mask (:class:`~fxquant.quantizers.SteSign`) then keeps the input.
+    It never changes a value or a gradient; quantizers without that choice ignore it.
     """
 
     name: ClassVar[str] = ""
     plus_minus_one: ClassVar[bool] = False  # outputs only -1/+1 (NaN aside) in training mode
     bits: int
     enabled: bool = True  # class default: also instances unpickled from before the flag existed
+    save_input: bool = False  # memory hint (see above); a class default for the same reason
 
     def __init__(self, bits: int) -> None:
         super().__init__()

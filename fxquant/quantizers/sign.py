@@ -153,13 +153,12 @@ def ste_sign(x: Tensor, clip_value: float | None = 1.0, *,
 class SteSign(Quantizer):
     """Module form of :func:`ste_sign`: {-1, +1} forward, ``g * 1{abs(x) <= clip_value}``.
 
-    ``save_input`` (a plain attribute, default False) makes it save its input instead of a
-    one-byte mask (see :func:`ste_sign`); ``prepare`` sets it where the layer fed by the sign keeps
-    that input anyway. Parameters are always saved as themselves.
+    ``save_input`` (the :class:`Quantizer` hint, default False) makes it save its input instead
+    of a one-byte mask (see :func:`ste_sign`); ``prepare`` sets it where that input is kept alive
+    anyway. Parameters are always saved as themselves.
     """
 
     plus_minus_one = True
-    save_input: bool = False  # class default: also instances unpickled from before the flag
 
     def __init__(self, clip_value: float | None = 1.0) -> None:
         super().__init__(bits=1)

@@ -177,7 +177,6 @@ def compact_binary_inputs(gm: torch.fx.GraphModule, recipe: Recipe) -> torch.fx.
             continue
         node.target = _COMPACT_FORM[node.target]
         source = x.args[0] if x.args else None
-        if (hasattr(quantizer, "save_input") and isinstance(source, torch.fx.Node)
-                and keeps_output_for_backward(source, modules)):
+        if isinstance(source, torch.fx.Node) and keeps_output_for_backward(source, modules):
             quantizer.save_input = True
     return gm
