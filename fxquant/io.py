@@ -72,12 +72,14 @@ def recipe_to_plain(recipe: Recipe) -> dict[str, Any]:
         rules.append({"kind": rule.kind, "key": key,
                       "slots": {s: _quantizer_to_plain(v) for s, v in rule.slots}})
     return {"slots": {s: _quantizer_to_plain(getattr(recipe, s)) for s in SLOTS},
-            "strict": recipe.strict, "keep_first_last": recipe.keep_first_last, "rules": rules}
+            "strict": recipe.strict, "keep_first_last": recipe.keep_first_last, "rules": rules,
+            "nonnegative_inputs": recipe.nonnegative_inputs}
 
 
 def recipe_from_plain(plain: dict[str, Any]) -> Recipe:
     recipe = Recipe(**{s: _quantizer_from_plain(plain["slots"][s]) for s in SLOTS},
-                    strict=plain["strict"], keep_first_last=plain["keep_first_last"])
+                    strict=plain["strict"], keep_first_last=plain["keep_first_last"],
+                    nonnegative_inputs=plain.get("nonnegative_inputs", "warn"))  # older files
     keyed: dict[str, Callable[..., Recipe]] = {"type": Recipe.for_type, "regex": Recipe.for_regex,
                                                "name": Recipe.for_name}
     for rule in plain["rules"]:

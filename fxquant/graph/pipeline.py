@@ -9,6 +9,7 @@ import torch.fx
 
 from fxquant.graph.passes import (
     annotate_layers,
+    check_nonnegative_inputs,
     compact_binary_inputs,
     eliminate_dead_code,
     fold_batch_norm,
@@ -30,6 +31,7 @@ PREPARE: tuple[Pass, ...] = (
     annotate_layers,
     insert_weight_quantizers,
     insert_input_quantizers,
+    check_nonnegative_inputs,
     insert_output_quantizers,
     insert_error_quantizers,
     compact_binary_inputs,

@@ -25,6 +25,7 @@ a first/last, regex or name rule says otherwise.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ from fxquant.quantizers.base import Quantizer, names
 __all__ = ["Recipe", "Rule", "LayerInfo"]
 
 _UNSET: Any = object()
+NONNEGATIVE_INPUT_MODES = ("warn", "error", "ignore", "drop", "move")
 _PRECEDENCE = {"type": 1, "first": 2, "last": 2, "regex": 3, "name": 4}
 
 
@@ -108,7 +110,13 @@ def _slots(where: str, **slots: Any) -> tuple[tuple[Slot, Any], ...]:
 
 @dataclass(frozen=True)
 class Recipe:
-    """Global slot choices plus refinement rules. Refinements return new recipes."""
+    """Global slot choices plus refinement rules. Refinements return new recipes.
+
+    ``nonnegative_inputs`` says what prepare does with a sign (or ternary) input quantizer that
+    reads a value known to be >= 0, e.g. a relu output, where a sign is +1 everywhere: "warn"
+    (default), "error", "ignore", or rewrite the graph: "drop" or "move" the activation (see
+    :meth:`with_nonnegative_inputs`).
+    """
 
     weight: QuantizerLike | None = None
     input: QuantizerLike | None = None
@@ -117,10 +125,38 @@ class Recipe:
     strict: bool = False
     keep_first_last: bool = False
     rules: tuple[Rule, ...] = ()
+    nonnegative_inputs: str = "warn"
 
     def __post_init__(self) -> None:
         for slot in SLOTS:
             _check_slot_value(getattr(self, slot), f"Recipe slot {slot!r}")
+        if self.nonnegative_inputs not in NONNEGATIVE_INPUT_MODES:
+            raise ValueError(f"Recipe: nonnegative_inputs must be one of "
+                             f"{', '.join(map(repr, NONNEGATIVE_INPUT_MODES))}, got "
+                             f"{self.nonnegative_inputs!r}")
+
+    def with_nonnegative_inputs(self, mode: str) -> Recipe:
+        """This recipe, with ``mode`` for sign/ternary input quantizers reading a value >= 0.
+
+        A sign of a relu (relu6, sigmoid, softmax, abs, clamp(min=0), ... also seen through
+        pooling, flatten, dropout, cat, add of such values) is +1 everywhere, so that binary
+        layer's input is a constant; a ternary loses its -1 level. Modes:
+
+        * ``"warn"`` (default): one UserWarning listing those layers and the fixes;
+        * ``"error"``: a ValueError with the same text;
+        * ``"ignore"``: nothing;
+        * ``"drop"``: remove the activation(s) between the value and the quantizer where
+          nothing else reads them (the others stay as they are and are listed in a warning);
+        * ``"move"``: the quantizer reads the value before the activation, which stays for its
+          other readers (a residual shortcut) and is applied again after the binary layer's
+          batch norm (after the layer when no batch norm follows), as Bi-Real Net and ReActNet
+          place it; not where that output already goes through the same activation or joins
+          a residual ``add`` (a relu there would make the next sign's input non-negative).
+
+        Both rewrites keep every parameter and buffer (the ``state_dict`` keys are unchanged)
+        but change what the model computes. Details: :mod:`fxquant.graph.passes.nonnegative`.
+        """
+        return dataclasses.replace(self, nonnegative_inputs=mode)
 
     # -- refinements -------------------------------------------------------------------------
     def for_type(self, key: type[nn.Module] | Callable[..., Any], **slots: Any) -> Recipe:
@@ -160,8 +196,7 @@ class Recipe:
                                                                **slots)))
 
     def _add(self, rule: Rule) -> Recipe:
-        return Recipe(self.weight, self.input, self.output, self.error, self.strict,
-                      self.keep_first_last, (*self.rules, rule))
+        return dataclasses.replace(self, rules=(*self.rules, rule))
 
     # -- resolution --------------------------------------------------------------------------
     def resolve(self, layer: LayerInfo) -> tuple[tuple[Slot, QuantSpec], ...]:

@@ -15,8 +15,10 @@ from fxquant.graph.passes.lower import (
     pack_weights,
     restore_plain_layers,
 )
+from fxquant.graph.passes.nonnegative import check_nonnegative_inputs
 
 __all__ = ["annotate_layers", "insert_weight_quantizers", "insert_input_quantizers",
-           "insert_output_quantizers", "insert_error_quantizers", "compact_binary_inputs",
+           "insert_output_quantizers", "insert_error_quantizers", "check_nonnegative_inputs",
+           "compact_binary_inputs",
            "restore_plain_layers", "fold_weight_quantizers",
            "fold_batch_norm", "lower_activation_quantizers", "pack_weights", "eliminate_dead_code"]
