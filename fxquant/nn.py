@@ -82,31 +82,65 @@ def _plan(x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor, _Plan]:
     return (x if x_src is None else x_src[0]), (weight if w_src is None else w_src[0]), plan
 
 
-def _save(ctx: FunctionCtx, x: Tensor, weight: Tensor, plan: _Plan) -> None:
-    """Save the sources (kept alive by their quantizers anyway), or ``x`` as one byte per value."""
-    ctx.gradients, ctx.dtype = (plan.x_gradient, plan.w_gradient), plan.x.dtype
+def _save(ctx: FunctionCtx, x: Tensor, weight: Tensor, bias: Tensor | None, plan: _Plan,
+          out: Tensor) -> None:
+    """Save the sources (kept alive by their quantizers anyway), or ``x`` as one byte per value,
+    and the dtypes: the one the kernel computed in (``out``'s: under autocast the kernel casts
+    its float32 operands to bfloat16 or float16) and those of the autograd inputs, which their
+    gradients must have."""
+    ctx.gradients = (plan.x_gradient, plan.w_gradient)
+    ctx.compute_dtype = out.dtype
+    ctx.input_dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
     ctx.save_for_backward(x if plan.x_gradient is not None else _pack_signs(plan.x), weight)
 
 
 def _rebuild(ctx: FunctionCtx) -> tuple[Tensor, Tensor]:
-    """``(x, weight)`` as the forward used them, rebuilt exactly from what :func:`_save` kept."""
+    """``(x, weight)`` as the forward's kernel used them, rebuilt exactly from what :func:`_save`
+    kept, in the dtype it computed in (a cast of ±1 is exact; a plain weight is rounded as
+    autocast rounded it)."""
     x_saved, w_saved = ctx.saved_tensors
     x_grad, w_grad = ctx.gradients
-    x = _binary_sign(x_saved) if x_grad is not None else _unpack_signs(x_saved, ctx.dtype)
-    return x, _binary_sign(w_saved) if w_grad is not None else w_saved
+    dtype = ctx.compute_dtype
+    if x_grad is not None:
+        x = _binary_sign(x_saved).to(dtype)
+    else:
+        x = _unpack_signs(x_saved, dtype)
+    return x, (_binary_sign(w_saved) if w_grad is not None else w_saved).to(dtype)
 
 
-def _through_quantizers(ctx: FunctionCtx, gx: Tensor | None, gw: Tensor | None, x: Tensor,
-                        weight: Tensor) -> tuple[Tensor | None, Tensor | None]:
-    """Apply the quantizers' surrogate gradients at the saved sources; the rebuilt ``x`` and
-    ``weight`` (no longer needed) serve as their scratch buffers."""
+def _to_inputs(ctx: FunctionCtx, gx: Tensor | None, gw: Tensor | None, gb: Tensor | None,
+               x: Tensor, weight: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """The kernel's gradients for autograd: each cast to its autograd input's dtype (as autocast's
+    cast back does in the plain path), then the quantizers' surrogate gradients applied at the
+    saved sources. The rebuilt ``x`` and ``weight`` (no longer needed) serve as their scratch
+    buffers when they have the sources' dtype."""
     x_saved, w_saved = ctx.saved_tensors
     x_grad, w_grad = ctx.gradients
+    x_dtype, w_dtype, b_dtype = ctx.input_dtypes
+    gx = None if gx is None else gx.to(x_dtype)
+    gw = None if gw is None else gw.to(w_dtype)
+    gb = None if gb is None else gb.to(b_dtype)
     if x_grad is not None and gx is not None:
-        gx = x_grad(x_saved, gx, x)
+        gx = x_grad(x_saved, gx, _scratch(x, x_saved))
     if w_grad is not None and gw is not None:
-        gw = w_grad(w_saved, gw, weight)
-    return gx, gw
+        gw = w_grad(w_saved, gw, _scratch(weight, w_saved))
+    return gx, gw, gb
+
+
+def _scratch(buffer: Tensor, like: Tensor) -> Tensor:
+    """``buffer`` if a surrogate gradient may compute in it for ``like``, else a fresh one."""
+    return buffer if buffer.dtype == like.dtype else torch.empty_like(like)
+
+
+def _not_a_view(out: Tensor) -> Tensor:
+    """``out``, or an alias of it that is not a view when the kernel returned one.
+
+    ``F.linear`` with a bias returns a view for inputs of more than two dimensions, and a
+    convolution does for an unbatched input. Autograd forbids in-place ops (``ReLU(inplace=True)``,
+    ``+=``) on a view made inside a custom Function; ``detach`` gives the same storage without
+    the view's link to its (otherwise unused) base, so they work as after the plain layer.
+    """
+    return out.detach() if out._is_view() else out
 
 
 def _tuple(value: Any, n: int) -> list[int]:
@@ -119,8 +153,9 @@ class _CompactConv(torch.autograd.Function):
                 n: int, stride: Any, padding: Any, dilation: Any, groups: int) -> Tensor:
         ctx.args = (n, _tuple(stride, n), _tuple(padding, n), _tuple(dilation, n), groups)
         ctx.has_bias = bias is not None
-        _save(ctx, x, weight, plan)
-        return _CONV[n](plan.x, plan.weight, bias, stride, padding, dilation, groups)
+        out = _CONV[n](plan.x, plan.weight, bias, stride, padding, dilation, groups)
+        _save(ctx, x, weight, bias, plan, out)
+        return _not_a_view(out)
 
     @staticmethod
     @once_differentiable
@@ -129,11 +164,16 @@ class _CompactConv(torch.autograd.Function):
         n, stride, padding, dilation, groups = ctx.args
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
                 ctx.has_bias and ctx.needs_input_grad[2]]
+        bias_sizes = [weight.shape[0]] if ctx.has_bias else None
+        grad, x_in = grad.to(ctx.compute_dtype), x
+        unbatched = x.dim() == n + 1  # the kernel wants a batch (of one)
+        if unbatched:
+            grad, x_in = grad.unsqueeze(0), x.unsqueeze(0)
         gx, gw, gb = torch.ops.aten.convolution_backward(
-            grad, x, weight, [weight.shape[0]] if ctx.has_bias else None, stride, padding,
-            dilation, False, [0] * n, groups, mask)
-        gx, gw = _through_quantizers(ctx, gx, gw, x, weight)
-        return gx, gw, gb, None, None, None, None, None, None
+            grad, x_in, weight, bias_sizes, stride, padding, dilation, False, [0] * n, groups, mask)
+        if unbatched and gx is not None:
+            gx = gx.squeeze(0)
+        return (*_to_inputs(ctx, gx, gw, gb, x, weight), None, None, None, None, None, None)
 
 
 class _CompactLinear(torch.autograd.Function):
@@ -141,13 +181,15 @@ class _CompactLinear(torch.autograd.Function):
     def forward(ctx: FunctionCtx, x: Tensor, weight: Tensor, bias: Tensor | None,
                 plan: _Plan) -> Tensor:
         ctx.has_bias = bias is not None
-        _save(ctx, x, weight, plan)
-        return F.linear(plan.x, plan.weight, bias)
+        out = F.linear(plan.x, plan.weight, bias)
+        _save(ctx, x, weight, bias, plan, out)
+        return _not_a_view(out)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, weight = _rebuild(ctx)
+        grad = grad.to(ctx.compute_dtype)
         gx = grad.matmul(weight) if ctx.needs_input_grad[0] else None
         flat = grad.reshape(-1, grad.shape[-1])
         gw = gb = None
@@ -155,8 +197,7 @@ class _CompactLinear(torch.autograd.Function):
             gw = flat.t().mm(x.reshape(-1, x.shape[-1]))
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = flat.sum(0)
-        gx, gw = _through_quantizers(ctx, gx, gw, x, weight)
-        return gx, gw, gb, None
+        return (*_to_inputs(ctx, gx, gw, gb, x, weight), None)
 
 
 def _compact(x: Tensor, weight: Tensor) -> bool:

@@ -235,22 +235,198 @@ def test_nan_and_inf_sources_give_the_reference_gradients():
     assert torch.equal(got[1][1, :2], torch.zeros(2))  # no gradient through ±inf
 
 
-def test_autocast_gives_the_same_numbers_as_the_plain_layers():
-    """Under CPU bfloat16 autocast the compact layers match plain F.conv2d/F.linear exactly."""
+def _with_plain_layers(prepared):
+    """``prepared`` with every compact layer replaced by the plain torch function it stands for."""
+    for node in prepared.graph.nodes:
+        if node.op == "call_function" and node.target in fnn.PLAIN_FORM:
+            node.target = fnn.PLAIN_FORM[node.target]
+    prepared.graph.lint()
+    prepared.recompile()
+    return prepared
+
+
+@pytest.fixture(params=[True, False], ids=["onednn", "native-kernels"])
+def onednn(request, monkeypatch):
+    """Run with oneDNN (CPU kernels that accept mixed float dtypes where the CPU has bfloat16
+    instructions) and without it: the native kernels insist on one dtype on every CPU, as
+    oneDNN does on a CPU without AVX-512 bfloat16, so the test does not depend on the CPU."""
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", request.param)
+    return request.param
+
+
+AUTOCAST_DTYPES = [torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("dtype", AUTOCAST_DTYPES)
+def test_autocast_gives_the_same_numbers_as_the_plain_layers(dtype, onednn):
+    """Under CPU autocast a binary ResNet's compact layers match plain F.conv2d/F.linear exactly:
+    both run the same kernels on the same low-precision operands (±1 casts exactly)."""
     model = resnet18(width=4)
     x, y = torch.randn(2, 3, 16, 16), torch.tensor([1, 2])
     results = []
     for compact in (True, False):
         prepared = fxquant.prepare(model, fxquant.Recipe.bnn())
         if not compact:
-            for node in prepared.graph.nodes:
-                if node.op == "call_function" and node.target in fnn.PLAIN_FORM:
-                    node.target = fnn.PLAIN_FORM[node.target]
-            prepared.recompile()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _with_plain_layers(prepared)
+        with torch.autocast("cpu", dtype=dtype):
             out = prepared(x)
         F.cross_entropy(out.float(), y).backward()
         results.append([out.detach()] + [p.grad for p in prepared.parameters()])
     assert "fxquant_nn_conv2d" in fxquant.prepare(model, fxquant.Recipe.bnn()).code
+    assert results[0][0].dtype == dtype
+    for got, want in zip(*results, strict=True):
+        assert got.dtype == want.dtype
+        exact(got, want)
+
+
+def _identity(t):
+    return t
+
+
+# (weight quantizer for the compact layer, its reference for the plain layer)
+WEIGHTS = [
+    pytest.param(SteSign, lambda: _ReferenceSteSign.apply, id="binary-latent-weight"),
+    pytest.param(lambda: _identity, lambda: _identity, id="float-weight"),
+]
+
+
+def _run_autocast(layer, x_quantizer, w_quantizer, x0, w, b, extra, upstream, dtype):
+    """:func:`_run` with the forward under CPU autocast to ``dtype`` and backward outside it."""
+    src, latent, bias = (t.detach().clone().requires_grad_() for t in (x0, w, b))
+    h = src * 1.0
+    with torch.autocast("cpu", dtype=dtype):
+        out = layer(x_quantizer(h), w_quantizer(latent), bias, *extra)
+    out.backward(upstream.to(out.dtype))
+    return out.detach(), src.grad, latent.grad, bias.grad
+
+
+@pytest.mark.parametrize("dtype", AUTOCAST_DTYPES)
+@pytest.mark.parametrize("make_w, reference_w", WEIGHTS)
+@pytest.mark.parametrize("make, reference",
+                         [*QUANTIZERS, (SteSign, lambda: _ReferenceSteSign.apply)])
+@pytest.mark.parametrize("compact, plain, xshape, wshape, extra", CASES)
+def test_autocast_gradients_equal_the_plain_layers_in_dtype_and_value(
+        compact, plain, xshape, wshape, extra, make, reference, make_w, reference_w, dtype, onednn):
+    """The output has the autocast dtype, each gradient its float32 leaf's dtype, and all equal
+    the plain layer's under the same autocast bit for bit (same kernels on the same operands; the
+    quantizers' gradients are applied in float32 after the cast back, in both)."""
+    x0 = _edge_input(xshape)
+    w = _edge_input(wshape, seed=1)
+    b = torch.randn(wshape[0])
+    upstream = torch.randn(plain(x0, w, b, *extra).shape,
+                           generator=torch.Generator().manual_seed(2))
+    got = _run_autocast(compact, make(), make_w(), x0, w, b, extra, upstream, dtype)
+    want = _run_autocast(plain, reference(), reference_w(), x0, w, b, extra, upstream, dtype)
+    assert [t.dtype for t in got] == [dtype] + [torch.float32] * 3
+    for g, e in zip(got, want, strict=True):
+        assert g.dtype == e.dtype
+        exact(g, e)
+
+
+@pytest.mark.parametrize("dtype", AUTOCAST_DTYPES)
+@pytest.mark.parametrize("keep_source", [True, False], ids=["sign-source", "one-byte"])
+@pytest.mark.parametrize("compact, plain, xshape, wshape, extra", CASES)
+def test_backward_gets_a_low_precision_gradient_and_returns_the_inputs_dtypes(
+        compact, plain, xshape, wshape, extra, keep_source, dtype):
+    """The Function's own backward, called directly: the incoming gradient has the autocast
+    dtype while what it saved is float32 (or bool); what it returns has the float32 dtype of
+    each autograd input (autograd would otherwise cast it silently)."""
+    h = torch.randn(xshape, requires_grad=True) * 1.0
+    latent = torch.randn(wshape, requires_grad=True)
+    bias = torch.randn(wshape[0], requires_grad=True)
+    quantizer = _keeping(SteSign()) if keep_source else SteSign()
+    with torch.autocast("cpu", dtype=dtype):
+        out, saved = _saved(lambda: compact(quantizer(h), SteSign()(latent), bias, *extra))
+    assert out.dtype == dtype
+    assert {t.dtype for t in saved} == ({torch.float32} if keep_source
+                                        else {torch.bool, torch.float32})
+    grads = out.grad_fn.apply(torch.ones_like(out))  # the raw return of the Function's backward
+    assert [g.dtype for g in grads[:3]] == [torch.float32] * 3
+    assert [g.shape for g in grads[:3]] == [h.shape, latent.shape, bias.shape]
+    assert all(g is None for g in grads[3:])
+
+
+@pytest.mark.parametrize("compact, plain, xshape, wshape, extra", CASES)
+def test_double_precision_gives_the_plain_layers_numbers_and_dtypes(compact, plain, xshape,
+                                                                    wshape, extra):
+    x0 = _edge_input(xshape).double()
+    w = _edge_input(wshape, seed=1).double()
+    b = torch.randn(wshape[0], dtype=torch.float64)
+    upstream = torch.randn(plain(x0, w, b, *extra).shape, dtype=torch.float64,
+                           generator=torch.Generator().manual_seed(2))
+    got = _run(compact, _keeping(SteSign()), SteSign(), x0, w, b, extra, upstream)
+    want = _run(plain, _ReferenceSteSign.apply, _ReferenceSteSign.apply, x0, w, b, extra, upstream)
+    for g, e in zip(got, want, strict=True):
+        assert g.dtype == e.dtype == torch.float64
+        exact(g, e)
+
+
+# ------------------------------------------------------------------------------------------------
+# Outputs are not views: an in-place op after the layer works as after the plain layer
+
+
+def _channels_last(shape):
+    return lambda g: torch.randn(shape, generator=g).to(memory_format=torch.channels_last)
+
+
+def _plain_randn(shape):
+    return lambda g: torch.randn(shape, generator=g)
+
+
+# (compact fn, plain fn, input maker, weight shape, extra args): shapes where the kernel's own
+# output is a view (linear with a bias on 3-D input, unbatched convolutions) or has odd strides
+SHAPES = [
+    pytest.param(fnn.linear, F.linear, _plain_randn((2, 3, 7)), (4, 7), (), id="linear-3d"),
+    pytest.param(fnn.linear, F.linear, _plain_randn((2, 2, 3, 7)), (4, 7), (), id="linear-4d"),
+    pytest.param(fnn.linear, F.linear, _plain_randn((7,)), (4, 7), (), id="linear-1d"),
+    pytest.param(fnn.conv1d, F.conv1d, _plain_randn((3, 9)), (4, 3, 3), (1, 1),
+                 id="conv1d-unbatched"),
+    pytest.param(fnn.conv2d, F.conv2d, _plain_randn((2, 5, 5)), (4, 2, 3, 3), (1, 1),
+                 id="conv2d-unbatched"),
+    pytest.param(fnn.conv3d, F.conv3d, _plain_randn((2, 4, 4, 4)), (3, 2, 3, 3, 3), (1, 1),
+                 id="conv3d-unbatched"),
+    pytest.param(fnn.conv2d, F.conv2d, _channels_last((2, 3, 6, 6)), (4, 3, 3, 3), (1, 1),
+                 id="conv2d-channels-last"),
+]
+
+
+@pytest.mark.parametrize("keep_source", [True, False], ids=["sign-source", "one-byte"])
+@pytest.mark.parametrize("compact, plain, make_x, wshape, extra", SHAPES)
+def test_an_in_place_op_on_the_output_gives_the_plain_layers_gradients(
+        compact, plain, make_x, wshape, extra, keep_source):
+    g = torch.Generator().manual_seed(0)
+    x0, w, b = make_x(g), torch.randn(wshape, generator=g), torch.randn(wshape[0], generator=g)
+    results = []
+    for layer, sign in ((compact, _keeping(SteSign()) if keep_source else SteSign()),
+                        (plain, _ReferenceSteSign.apply)):
+        src, latent, bias = (t.clone().requires_grad_() for t in (x0, w, b))
+        out = layer(sign(src * 1.0), SteSign()(latent), bias, *extra)
+        assert layer is plain or not out._is_view()  # the plain one may be a view: autograd's own
+        out += 1.0
+        out.relu_()
+        (out * torch.arange(out.numel()).view(out.shape)).sum().backward()
+        results.append((out.detach(), src.grad, latent.grad, bias.grad))
+    for got, want in zip(*results, strict=True):
+        exact(got, want)
+
+
+def test_a_linear_on_3d_input_then_an_in_place_relu_trains_like_the_plain_model():
+    """The swin_v2_t pattern (cpb_mlp: Linear -> ReLU(inplace=True) -> Linear on a 4-D table):
+    a train-mode forward and backward through the compact layers gives the plain model's
+    outputs and gradients."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 8),
+                                torch.nn.ReLU(inplace=True), torch.nn.Linear(8, 2))
+    x = torch.randn(2, 5, 4)
+    results = []
+    for compact in (True, False):
+        prepared = fxquant.prepare(model, fxquant.Recipe.bnn()).train()
+        if compact:
+            assert "fxquant_nn_linear(" in prepared.code
+        else:
+            _with_plain_layers(prepared)
+        out = prepared(x)
+        assert out.shape == (2, 5, 2)
+        out.pow(2).sum().backward()
+        results.append([out.detach()] + [p.grad for p in prepared.parameters()])
     for got, want in zip(*results, strict=True):
         exact(got, want)
