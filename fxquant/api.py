@@ -16,9 +16,10 @@ from torch.fx.passes.shape_prop import ShapeProp
 from fxquant import io, training
 from fxquant.graph.clone import clone_module
 from fxquant.graph.meta import get_record
+from fxquant.graph.module import merge_modes, mode_graph, preserve
 from fxquant.graph.pipeline import LOWER, PREPARE, DeferredGraphModule, run
 from fxquant.graph.recipe import Recipe
-from fxquant.graph.tracer import trace
+from fxquant.graph.tracer import trace_modes
 from fxquant.quantizers.base import Quantizer
 
 __all__ = ["prepare", "convert", "is_converted"]
@@ -68,9 +69,11 @@ def prepare(model: nn.Module, recipe: Recipe, *, example_inputs: Sequence[Any] |
     leaf_modules = list(leaf_modules)
     with _paused_gc():
         model = clone_module(_unwrap(model))
-        gm = run(trace(model, concrete_args, leaf_modules, DeferredGraphModule), PREPARE, recipe)
+        traced = trace_modes(model, concrete_args, leaf_modules, DeferredGraphModule)
+        gm = merge_modes({mode: run(t, PREPARE, recipe) for mode, t in traced.items()},
+                         model.training)
     training.install_clip_warning(gm)
-    setattr(gm, io.CONFIG_ATTR, io.options_to_plain(recipe, concrete_args, leaf_modules))
+    preserve(gm, io.CONFIG_ATTR, io.options_to_plain(recipe, concrete_args, leaf_modules))
     if example_inputs is not None:
         _record_shapes(gm, example_inputs)
     return gm
@@ -111,14 +114,14 @@ def convert(prepared: torch.fx.GraphModule) -> torch.fx.GraphModule:
         except NotImplementedError as err:
             config = {"error": str(err)}
     with _paused_gc():
-        gm = run(_copy_graph_module(prepared).eval(), LOWER)
-    setattr(gm, io.CONFIG_ATTR, config)
+        gm = run(_copy_graph_module(prepared, mode_graph(prepared, False)).eval(), LOWER)
+    preserve(gm, io.CONFIG_ATTR, config)
     return gm
 
 
-def _copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """An independent copy of a GraphModule (faster than ``copy.deepcopy`` on large models)."""
-    graph = copy.deepcopy(gm.graph)  # keeps the graph's codegen (pytree in/out specs) and meta
+def _copy_graph_module(gm: torch.fx.GraphModule, graph: torch.fx.Graph) -> torch.fx.GraphModule:
+    """An independent copy of ``gm`` running ``graph`` (faster than ``copy.deepcopy``)."""
+    graph = copy.deepcopy(graph)  # keeps the graph's codegen (pytree in/out specs) and meta
     return DeferredGraphModule(clone_module(gm), graph, type(gm).__name__)
 
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch.fx
 
+from fxquant.graph.module import QuantGraphModule
 from fxquant.graph.passes import (
     annotate_layers,
     check_nonnegative_inputs,
@@ -20,6 +21,7 @@ from fxquant.graph.passes import (
     insert_weight_quantizers,
     lower_activation_quantizers,
     pack_weights,
+    report_float_layers,
     restore_plain_layers,
 )
 
@@ -29,6 +31,7 @@ Pass = Callable[..., torch.fx.GraphModule]
 
 PREPARE: tuple[Pass, ...] = (
     annotate_layers,
+    report_float_layers,
     insert_weight_quantizers,
     insert_input_quantizers,
     check_nonnegative_inputs,
@@ -52,7 +55,7 @@ CHECK_EVERY_PASS = False  # lint after every pass (the test suite turns this on)
 _DEFERRED = "_fxquant_codegen_deferred"
 
 
-class DeferredGraphModule(torch.fx.GraphModule):
+class DeferredGraphModule(QuantGraphModule):
     """A GraphModule whose Python code is generated once :func:`run` is done with it.
 
     Building a ``torch.fx.GraphModule`` generates and compiles the code of its graph, which the

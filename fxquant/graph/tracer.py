@@ -6,20 +6,24 @@ user's source line and the fixes, instead of a bare ``torch.fx`` error.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import re
 import traceback
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
 import torch.fx
 from torch import nn
 
+#XXfrom fxquant.graph import attention  # imported before any trace: registers fx.wrap leaves
+from fxquant.graph.module import graft_module_tree
 from fxquant.ops import PackedWeight
 from fxquant.quantizers.base import Quantizer
 
-__all__ = ["QuantTracer", "TracingError", "trace"]
+__all__ = ["QuantTracer", "TracingError", "trace", "trace_modes"]
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _FXQUANT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,6 +41,9 @@ class QuantTracer(torch.fx.Tracer):
 
     def __init__(self, leaf_modules: Iterable[str | type[nn.Module]] = ()) -> None:
         super().__init__()
+        # Buffers read in traced code become graph reads: an in-place update such as
+        # ``self.calls.add_(1)`` is recorded instead of running once on the real buffer.
+        self.proxy_buffer_attributes = True
         leaves = list(leaf_modules)
         bad = [x for x in leaves if not (isinstance(x, str)
                                          or (isinstance(x, type) and issubclass(x, nn.Module)))]
@@ -46,17 +53,56 @@ class QuantTracer(torch.fx.Tracer):
         self.leaf_types = tuple(x for x in leaves if isinstance(x, type))
         self._paths: list[str] = []
         self.failed_path: str | None = None
+        self.mode_branches: list[str] = []  # where Python control flow read ``training``
+
+    def trace(self, root: nn.Module | Callable[..., Any],
+              concrete_args: dict[str, Any] | None = None) -> torch.fx.Graph:
+        """Trace ``root``; reads of a module's ``training`` flag become reads in the graph.
+
+        ``F.dropout(x, p, self.training)`` then follows ``model.train()``/``model.eval()`` at run
+        time instead of the mode of the trace. Where Python control flow branches on the flag
+        (``if self.training:``), the branch of the current mode is taken and the place is noted
+        in :attr:`mode_branches` (:func:`trace_modes` then traces the other mode too).
+        """
+        self.mode_branches = []
+        with _reading_training(self):
+            graph = super().trace(root, concrete_args)
+        for node in reversed(graph.nodes):  # reads only used by Python control flow
+            if _TRAINING_READ in node.meta and not node.users:
+                graph.erase_node(node)
+        return graph
+
+    def read_training(self, module: nn.Module, value: bool) -> Any:
+        """The value traced code sees for ``module.training``: a graph read of the flag."""
+        try:
+            path = self.path_of_module(module)
+        except NameError:  # not part of the traced model
+            return value
+        proxy = self.create_proxy("get_attr", f"{path}.training" if path else "training", (), {})
+        proxy.node.meta[_TRAINING_READ] = value
+        return proxy
+
+    def to_bool(self, obj: torch.fx.Proxy) -> bool:
+        value = _mode_value(obj.node)
+        if value is _UNKNOWN:
+            return super().to_bool(obj)
+        self.mode_branches.append(self._paths[-1] if self._paths else "")
+        return bool(value)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if isinstance(m, (Quantizer, PackedWeight)) or module_qualified_name in self.leaf_names:
             return True
         if self.leaf_types and isinstance(m, self.leaf_types):
             return True
+        if attention.traces_as_function(m):
+            return False  # traced as multi_head_attention, whose projections are visible
         return super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m: nn.Module, forward: Any, args: tuple[Any, ...],
                     kwargs: dict[str, Any]) -> Any:
         self._paths.append(self.path_of_module(m))
+        if attention.traces_as_function(m):  # traced instead of forward unless made a leaf
+            forward = functools.partial(attention.multi_head_attention, m)
         try:
             return super().call_module(m, forward, args, kwargs)
         except Exception:
@@ -77,31 +123,164 @@ def _user_frame(err: BaseException) -> traceback.FrameSummary | None:
     return None
 
 
+def _mode_value(node: torch.fx.Node) -> Any:
+    """The value of ``node`` if it is computed from ``training`` reads and constants only."""
+    if _TRAINING_READ in node.meta:
+        return node.meta[_TRAINING_READ]
+    if node.op not in ("call_function", "call_method"):
+        return _UNKNOWN
+    values = []
+    for arg in (*node.args, *node.kwargs.values()):
+        value = _mode_value(arg) if isinstance(arg, torch.fx.Node) else arg
+        if value is _UNKNOWN or isinstance(arg, (list, tuple, dict, slice)):
+            return _UNKNOWN
+        values.append(value)
+    n = len(node.args)
+    args, kwargs = values[:n], dict(zip(node.kwargs, values[n:], strict=True))
+    try:
+        if node.op == "call_method":
+            return getattr(args[0], str(node.target))(*args[1:], **kwargs)
+        return node.target(*args, **kwargs)  # type: ignore[operator]
+    except Exception:
+        return _UNKNOWN
+
+
+_TRAINING_READ = "fxquant_training_read"
+_UNKNOWN = object()
+_TRACERS: list[QuantTracer] = []
+
+
+class _TrainingFlag:
+    """Installed as ``nn.Module.training`` while a QuantTracer traces: a data descriptor, so it
+    sees every read of a module's flag (which lives in the instance ``__dict__``)."""
+
+    def __get__(self, module: nn.Module | None, owner: type | None = None) -> Any:
+        if module is None:
+            return self
+        value = module.__dict__.get("training", True)
+        return _TRACERS[-1].read_training(module, value) if _TRACERS else value
+
+    def __set__(self, module: nn.Module, value: bool) -> None:
+        module.__dict__["training"] = value
+
+
+@contextlib.contextmanager
+def _reading_training(tracer: QuantTracer) -> Iterator[None]:
+    if not _TRACERS:
+        nn.Module.training = _TrainingFlag()  # type: ignore[assignment]
+    _TRACERS.append(tracer)
+    try:
+        yield
+    finally:
+        _TRACERS.pop()
+        if not _TRACERS:
+            del nn.Module.training
+
+
+def _advice(model: nn.Module, tracer: QuantTracer, concrete_args: dict[str, Any] | None,
+            leaf_modules: list[str | type[nn.Module]]) -> str:
+    """What to do about a failed trace, checked: the leaf classes that make the trace succeed."""
+    classes: list[type[nn.Module]] = []
+    failed = tracer.failed_path
+    while failed:  # the failing module's class as a leaf; then the next failure, if any
+        cls = type(model.get_submodule(failed))
+        if cls in classes or len(classes) == 8:
+            return ""
+        classes.append(cls)
+        retry = QuantTracer([*leaf_modules, *classes])
+        try:
+            retry.trace(model, concrete_args)
+        except Exception:
+            failed = retry.failed_path
+        else:
+            names = ", ".join(f"{c.__module__}.{c.__qualname__}" for c in classes)
+            which = "these classes" if len(classes) > 1 else "that class"
+            return (f"Fix (checked: tracing then succeeds): prepare(..., leaf_modules=[{names}])"
+                    f" keeps every instance of {which} opaque: those modules run as they are and "
+                    f"stay in float (their layers are not quantized). ")
+    return ""
+
+
 def trace(model: nn.Module, concrete_args: dict[str, Any] | None = None,
           leaf_modules: Iterable[str | type[nn.Module]] = (),
           graph_module_class: type[torch.fx.GraphModule] = torch.fx.GraphModule
           ) -> torch.fx.GraphModule:
     """Trace ``model`` (not copied: the GraphModule shares its submodules) into a GraphModule
-    of ``graph_module_class``."""
+    of ``graph_module_class`` in its current train/eval mode (see :func:`trace_modes`)."""
+    return _trace(model, concrete_args, list(leaf_modules), graph_module_class)[0]
+
+
+def trace_modes(model: nn.Module, concrete_args: dict[str, Any] | None = None,
+                leaf_modules: Iterable[str | type[nn.Module]] = (),
+                graph_module_class: type[torch.fx.GraphModule] = torch.fx.GraphModule
+                ) -> dict[bool, torch.fx.GraphModule]:
+    """Trace ``model`` once per train/eval mode its control flow depends on.
+
+    Returns ``{model.training: gm}`` when Python control flow never branched on a ``training``
+    flag, or when the other mode gives the same graph; otherwise ``{True: gm_train,
+    False: gm_eval}`` (the model is traced in the other mode, then put back in its own).
+    """
+    leaves = list(leaf_modules)
+    mode = model.training
+    gm, branches = _trace(model, concrete_args, leaves, graph_module_class)
+    if not branches:
+        return {mode: gm}
+    model.train(not mode)
+    try:
+        other, _ = _trace(model, concrete_args, leaves, graph_module_class)
+    finally:
+        model.train(mode)
+    if _same_graph(gm.graph, other.graph):
+        return {mode: gm}
+    return {mode: gm, not mode: other}
+
+
+def _same_graph(a: torch.fx.Graph, b: torch.fx.Graph) -> bool:
+    if len(a.nodes) != len(b.nodes):
+        return False
+    index: dict[torch.fx.Node, int] = {}
+    for i, (x, y) in enumerate(zip(a.nodes, b.nodes, strict=True)):
+        index[x] = index[y] = i
+        same = (x.op, x.target) == (y.op, y.target)
+        if same:
+            key = lambda n: ("node", index[n])  # noqa: E731
+            try:
+                same = bool(torch.fx.node.map_arg((x.args, x.kwargs), key)
+                            == torch.fx.node.map_arg((y.args, y.kwargs), key))
+            except Exception:  # an argument without a plain ``==`` (a tensor)
+                same = False
+        if not same:
+            return False
+    return True
+
+
+def _trace(model: nn.Module, concrete_args: dict[str, Any] | None,
+           leaf_modules: list[str | type[nn.Module]],
+           graph_module_class: type[torch.fx.GraphModule]
+           ) -> tuple[torch.fx.GraphModule, list[str]]:
     tracer = QuantTracer(leaf_modules)
     try:
         graph = tracer.trace(model, concrete_args)
     except Exception as err:
         where = tracer.failed_path
-        module = f"module {where!r}" if where else "the top-level forward"
+        module = f"module {where!r} ({type(model.get_submodule(where)).__name__})" if where \
+            else "the top-level forward"
         frame = _user_frame(err)
         line = f" at {frame.filename}:{frame.lineno}: `{frame.line}`" if frame else ""
-        leaf = f"leaf_modules=[{where!r}]" if where else "leaf_modules=[...]"
+        advice = _advice(model, tracer, concrete_args, leaf_modules) if where else ""
         raise TracingError(
             f"fxquant could not trace {type(model).__name__}: {module}{line} failed with "
-            f"{type(err).__name__}: {err}\n"
-            f"Fixes: pass concrete_args={{'flag': value}} to fix Python-level flags or "
-            f"data-dependent branches; or make the module a leaf with {leaf} (it then stays "
-            f"in float and opaque to fxquant); or rewrite that line without control flow on "
-            f"tensor values, len() or iteration of tensors."
+            f"{type(err).__name__}: {err}\n{advice}"
+            f"Other fixes: rewrite that line without Python control flow on tensor values or "
+            f"shapes, len() or iteration of tensors (branches on self.training are fine); "
+            f"pass concrete_args={{'flag': value}} to fix Python-level arguments of the "
+            f"top-level forward; or list a module path or class in leaf_modules=[...] (it then "
+            f"stays in float and opaque to fxquant)."
         ) from err
     _keep_concrete_defaults(graph, concrete_args or {})
-    return graph_module_class(tracer.root, graph, type(model).__name__)
+    gm = graph_module_class(tracer.root, graph, type(model).__name__)
+    graft_module_tree(gm, tracer.root)
+    return gm, tracer.mode_branches
 
 
 def _keep_concrete_defaults(graph: torch.fx.Graph, concrete_args: dict[str, Any]) -> None:

@@ -48,8 +48,46 @@ def test_error_names_module_path_source_line_and_fixes(inner, line_text):
     message = str(info.value)
     assert "'body.1'" in message
     assert __file__ in message and line_text in message
-    assert "concrete_args" in message and "leaf_modules=['body.1']" in message
+    cls = type(inner)
+    assert f"leaf_modules=[{cls.__module__}.{cls.__qualname__}]" in message
+    assert "checked" in message and "stay in float" in message
     assert info.value.__cause__ is not None
+
+
+class ShapeBranch(nn.Module):
+    """A branch on a tensor's shape (timm's padding/window code): fails at every instance."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x):
+        if x.shape[-1] % 2 == 1:
+            x = x * 2
+        return self.fc(x)
+
+
+class TwoKinds(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+        self.a, self.b, self.c = ShapeBranch(), ShapeBranch(), CallsLen()
+
+    def forward(self, x):
+        return self.c(self.b(self.a(self.fc(x))))
+
+
+def test_advice_names_every_class_needed_and_following_it_works():
+    with pytest.raises(TracingError) as info:
+        fxquant.prepare(TwoKinds(), fxquant.Recipe(weight="ste_sign"))
+    message = str(info.value)
+    names = [f"{c.__module__}.{c.__qualname__}" for c in (ShapeBranch, CallsLen)]
+    assert f"leaf_modules=[{', '.join(names)}]" in message
+    prepared = fxquant.prepare(TwoKinds(), fxquant.Recipe(weight="ste_sign"),
+                               leaf_modules=[ShapeBranch, CallsLen])
+    prepared.graph.lint()
+    assert [n.target for n in prepared.graph.nodes if n.op == "call_module"
+            and not str(n.target).endswith("quantizer")] == ["a", "b", "c"]
 
 
 def test_marking_the_failing_module_a_leaf_fixes_tracing():
