@@ -13,10 +13,11 @@ same kernel; when the input is the tagged output of a ±1 quantizer they keep le
 * otherwise it keeps where the input is +1, one byte per value, and rebuilds ``±1`` from it.
 
 The gradients come from the same ATen backward kernels autograd uses and equal the unfused
-quantizer-then-layer gradients bit for bit. Any other input (a disabled quantizer, a plain
-tensor) takes the ordinary path, so they are always safe to call. (With the one-byte form a NaN
-input, which a sign passes on, is rebuilt as +1 for the weight gradient; the forward is
-unaffected.)
+quantizer-then-layer gradients bit for bit, under autocast too: backward computes in the dtype
+the forward's kernel did and returns each gradient in its input's dtype, as autocast's casts do.
+Any other input (a disabled quantizer, a plain tensor) takes the ordinary path, so they are always
+safe to call. (With the one-byte form a NaN input, which a sign passes on, is rebuilt as +1 for
+the weight gradient; the forward is unaffected.)
 
 ``prepare`` routes layers whose input quantizer produces ±1 through them (pass
 ``compact_binary_inputs``); ``convert`` puts the plain ``torch`` functions back.
