@@ -43,6 +43,7 @@ import torch.fx
 from torch import nn
 
 from fxquant.graph.meta import SLOTS, QuantRecord, get_record
+from fxquant.graph.module import all_nodes
 from fxquant.quantizers.base import Quantizer
 from fxquant.quantizers.sign import ProgressiveSign, set_progressive_sign_scale
 
@@ -76,7 +77,7 @@ def _all_quantizers(gm: torch.fx.GraphModule, who: str) -> list[QuantizerEntry]:
         raise TypeError(f"{who} expects a GraphModule returned by fxquant.prepare, "
                         f"got {type(gm).__name__}")
     entries: dict[str, QuantizerEntry] = {}
-    for node in gm.graph.nodes:
+    for node in all_nodes(gm):
         record = get_record(node)
         if (node.op == "call_module" and record is not None
                 and record.role.endswith("_quantizer") and node.target not in entries):
@@ -372,7 +373,7 @@ def _weight_sources(gm: torch.fx.GraphModule, bits: Bits, who: str
                              f"got {bits!r}")
     by_name = {e.name: e for e in _all_quantizers(gm, who) if e.record.role == "weight_quantizer"}
     found = []
-    for node in gm.graph.nodes:
+    for node in all_nodes(gm):
         entry = by_name.get(str(node.target)) if node.op == "call_module" else None
         if entry is None or (bits is not None and entry.module.bits not in bits):
             continue

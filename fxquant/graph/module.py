@@ -17,6 +17,7 @@ All three survive ``copy.deepcopy`` and pickling here.
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -26,7 +27,7 @@ from torch import nn
 from fxquant.graph.meta import META_KEY, QuantRecord
 
 __all__ = ["QuantGraphModule", "graft_module_tree", "mode_graph", "set_mode_graphs", "merge_modes",
-           "adopt", "preserve"]
+           "adopt", "preserve", "all_nodes"]
 
 MODE_GRAPHS = "_fxquant_mode_graphs"
 PRESERVED = "_fxquant_preserved"  # names of extra attributes that copies and pickles keep
@@ -210,3 +211,11 @@ def preserve(gm: torch.fx.GraphModule, name: str, value: Any) -> None:
     """Set the attribute ``name`` of ``gm``, kept by its copies and pickles."""
     setattr(gm, name, value)
     gm.__dict__[PRESERVED] = (*[n for n in gm.__dict__.get(PRESERVED, ()) if n != name], name)
+
+
+def all_nodes(gm: torch.fx.GraphModule) -> Iterator[torch.fx.Node]:
+    """The nodes of ``gm``'s active graph, then those of its other mode's graph, if any."""
+    yield from gm.graph.nodes
+    for graph in (gm.__dict__.get(MODE_GRAPHS) or {}).values():
+        if graph is not gm.graph:
+            yield from graph.nodes

@@ -35,6 +35,7 @@ import torch.fx
 from torch import nn
 
 from fxquant.graph.meta import get_record
+from fxquant.graph.module import all_nodes
 from fxquant.quantizers.fixed_point import ROUNDING_MODES
 from fxquant.wage.functional import QG
 from fxquant.wage.init import wage_init_
@@ -53,7 +54,7 @@ def wage_weights(prepared: torch.fx.GraphModule
     quantizers. Raises ``ValueError`` naming the layer when the input is not a parameter.
     """
     found: dict[int, tuple[str, nn.Parameter, list[WAGEWeight]]] = {}
-    for node in prepared.graph.nodes:
+    for node in all_nodes(prepared):
         record = get_record(node)
         if record is None or record.role != "weight_quantizer" or node.op != "call_module":
             continue

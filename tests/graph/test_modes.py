@@ -153,13 +153,22 @@ def test_control_flow_on_the_flag_gives_one_graph_per_mode():
     assert "aux" in train_code and "calls" in train_code
     prepared.eval()
     assert isinstance(prepared(x), torch.Tensor) and "aux" not in prepared.code
-    # the layers both modes run share their quantizers
-    prepared.train()
-    train_q = {e.name: e.module for e in quantizers(prepared)}
+    # the layers both modes run share their quantizers: each is called in both graphs
+    calls = {mode: {n.target for n in prepared.train(mode).graph.nodes if n.op == "call_module"}
+             for mode in (True, False)}
+    assert "aux_weight_quantizer" in calls[True] - calls[False]
+    assert {"body_weight_quantizer", "head_input_quantizer"} <= calls[True] & calls[False]
+
+
+def test_quantizer_helpers_see_the_quantizers_of_both_modes():
+    prepared = _prepare(AuxHead()).eval()
+    names = [e.name for e in quantizers(prepared)]
+    assert names == [e.name for e in quantizers(prepared.train())]
+    assert "aux_weight_quantizer" in names
     prepared.eval()
-    eval_q = {e.name: e.module for e in quantizers(prepared)}
-    assert set(eval_q) < set(train_q)
-    assert all(train_q[name] is module for name, module in eval_q.items())
+    set_quantizers_enabled(prepared, False)
+    assert not prepared.get_submodule("aux_weight_quantizer").enabled
+    assert "aux.weight" in fxquant.training.latent_weights(prepared)
 
 
 def test_the_buffer_updated_only_in_train_mode_counts_like_the_float_model():
