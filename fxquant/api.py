@@ -80,10 +80,14 @@ def prepare(model: nn.Module, recipe: Recipe, *, example_inputs: Sequence[Any] |
 
 
 def _record_shapes(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> None:
-    """Shape-propagate once; buffers (BN statistics) and the CPU RNG state are restored after."""
+    """Shape-propagate once per mode graph; buffers (BN statistics) and the CPU RNG state are
+    restored after."""
     buffers = {name: b.clone() for name, b in gm.named_buffers()}
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        ShapeProp(gm).propagate(*example_inputs)
+        for graph in {id(g): g for g in (mode_graph(gm, True), mode_graph(gm, False))}.values():
+            propagation = ShapeProp(gm)
+            propagation.graph = graph  # the Interpreter runs this graph on gm's modules
+            propagation.propagate(*example_inputs)
         for name, b in gm.named_buffers():
             b.copy_(buffers[name])
 

@@ -271,3 +271,12 @@ def test_clip_after_unpickling_clips_the_latents():
         copied.fc2.weight.fill_(3.0)
     fxquant.training.clip_latent_weights(copied)
     assert float(copied.fc2.weight.detach().max()) == 1.0
+
+
+def test_example_inputs_record_shapes_in_both_mode_graphs():
+    prepared = fxquant.prepare(AuxHead(), fxquant.Recipe(weight="ste_sign"),
+                               example_inputs=(torch.randn(2, 6),))
+    for mode in (True, False):
+        nodes = [n for n in prepared.train(mode).graph.nodes if n.op == "call_function"]
+        assert nodes and all("tensor_meta" in n.meta for n in nodes)
+    assert int(prepared.calls) == 0  # the shape run left the buffers as they were
