@@ -18,7 +18,7 @@ import torch
 import torch.fx
 from torch import nn
 
-#XXfrom fxquant.graph import attention  # imported before any trace: registers fx.wrap leaves
+from fxquant.graph import attention  # imported before any trace: registers fx.wrap leaves
 from fxquant.graph.module import graft_module_tree
 from fxquant.ops import PackedWeight
 from fxquant.quantizers.base import Quantizer
