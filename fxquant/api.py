@@ -98,8 +98,11 @@ def convert(prepared: torch.fx.GraphModule) -> torch.fx.GraphModule:
     Runs the LOWER pipeline on an eval-mode copy: weight quantizers are evaluated once and stored
     as constants (latent float weights disappear), eval-mode batch norm folds into the layer before
     it, straight-through quantizers become plain ops, 1- to 8-bit weights are packed.
-    ``convert(prepared)(x)`` equals ``prepared.eval()(x)`` bit for bit when no batch norm is
-    folded, and to about 1e-6 relative when one is (see ``fold_batch_norm``).
+    ``convert(prepared)(x)`` equals ``prepared.eval()(x)`` bit for bit, batch norm after quantized
+    layers included, except where batch norm folds into a float layer's weights: that layer's
+    output is then within a few roundings of exact batch norm (closer than eval-mode batch norm,
+    which strays far where a running variance is near 0), so a sign quantizer after it may flip
+    (see ``fold_batch_norm``).
     """
     if not isinstance(prepared, torch.fx.GraphModule) or not any(
             get_record(n) is not None for n in prepared.graph.nodes):

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["LayerMatch", "match_layer", "is_batch_norm", "is_activation", "pattern_end",
+           "is_plain_batch_norm",
            "layer_arg", "set_layer_arg", "keeps_output_for_backward", "Submodules",
            "FUNCTIONAL_FORM"]
 
@@ -32,7 +33,9 @@ _FUNCTIONS: dict[Callable[..., Any], str] = {
     F.conv1d: "conv1d", F.conv2d: "conv2d", F.conv3d: "conv3d",
 }
 
-_BATCH_NORM_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+# forwards that compute exactly F.batch_norm (SyncBatchNorm syncs statistics only when training
+# under torch.distributed with more than one process; otherwise it calls F.batch_norm too)
+_BATCH_NORM_FORWARDS = (nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.forward)
 _BATCH_NORM_FUNCTIONS = {F.batch_norm, torch.batch_norm}
 _ACTIVATION_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardtanh)
 _ACTIVATION_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.hardtanh, torch.nn.functional.hardtanh_,
@@ -126,9 +129,22 @@ def _single_user(node: torch.fx.Node) -> torch.fx.Node | None:
     return users[0] if len(users) == 1 else None
 
 
+def is_plain_batch_norm(module: nn.Module | None) -> bool:
+    """Whether calling ``module`` is exactly batch norm: a ``_BatchNorm`` (``BatchNorm1d/2d/3d``,
+    ``SyncBatchNorm``, a subclass that only changes ``_check_input_dim`` or ``__init__``) whose
+    class keeps that forward, with no hooks. A subclass whose forward adds an activation (timm's
+    ``BatchNormAct2d``) is not: folding it would drop what its forward adds."""
+    return (isinstance(module, nn.modules.batchnorm._BatchNorm)
+            and type(module).forward in _BATCH_NORM_FORWARDS
+            and type(module).__call__ is nn.Module.__call__
+            and not (module._forward_pre_hooks or module._forward_hooks
+                     or module._backward_hooks or module._backward_pre_hooks))
+
+
 def is_batch_norm(node: torch.fx.Node, modules: Mapping[str, nn.Module]) -> bool:
+    """A call of a plain batch-norm module (:func:`is_plain_batch_norm`) or of ``F.batch_norm``."""
     if node.op == "call_module":
-        return isinstance(modules.get(str(node.target)), _BATCH_NORM_MODULES)
+        return is_plain_batch_norm(modules.get(str(node.target)))
     return node.op == "call_function" and node.target in _BATCH_NORM_FUNCTIONS
 
 

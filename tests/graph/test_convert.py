@@ -9,6 +9,7 @@ import textwrap
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import fxquant
@@ -197,3 +198,131 @@ def test_learned_quantizer_tensors_become_buffers_of_the_converted_model():
     h = torch.relu(prepared.fc2(0.75 * k_bit_quantize(h, 4) - 0.25))
     out = prepared.fc3(k_bit_quantize(h, 4))
     torch.testing.assert_close(converted(x), out, rtol=1e-6, atol=1e-6)
+
+
+class TestSideEffectsSurvive:
+    """convert's dead-code elimination drops only nodes known to be pure (repro r8)."""
+
+    class InPlace(nn.Module):
+        def __init__(self, op) -> None:
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+            self.op = op
+
+        def forward(self, x):
+            h = self.b(self.a(x))
+            self.op(h)  # in place, its result unused
+            h.abs()  # pure and unused: may go
+            return self.c(h)
+
+    @pytest.mark.parametrize("name, op, hand", [
+        ("method", lambda h: h.mul_(0.5), lambda h: h * 0.5),
+        ("function", torch.relu_, torch.relu),
+        ("setitem", lambda h: h.__setitem__((slice(None), 0), 7.0),
+         lambda h: torch.cat([torch.full_like(h[:, :1], 7.0), h[:, 1:]], 1)),
+        ("inplace_kwarg", lambda h: torch.nn.functional.relu(h, inplace=True), torch.relu),
+        ("inplace_positional", lambda h: torch.nn.functional.hardtanh(h, -0.1, 0.1, True),
+         lambda h: h.clamp(-0.1, 0.1)),
+        ("out_kwarg", lambda h: torch.mul(h, 2.0, out=h), lambda h: h * 2.0),
+    ])
+    def test_unused_in_place_op_is_kept(self, name, op, hand):
+        model = self.InPlace(op)
+        x = torch.randn(3, 4)
+        prepared = fxquant.prepare(model, fxquant.Recipe.bnn()).eval()
+        converted = fxquant.convert(prepared)
+        converted.graph.lint()
+        with torch.no_grad():
+            out = converted(x)
+            assert torch.equal(out, prepared(x))
+            # hand-written oracle: float a, binary b (sign of weight and input), in-place op, c
+            sign = lambda t: torch.where(t >= 0, 1.0, -1.0)  # noqa: E731
+            h = F.linear(sign(model.a(x)), sign(model.b.weight), model.b.bias)
+            torch.testing.assert_close(out, model.c(hand(h)), rtol=1e-6, atol=1e-6)
+        assert not any(n.op == "call_method" and n.target == "abs" for n in converted.graph.nodes)
+
+    def test_pure_nodes_quantizers_and_attribute_reads_are_dropped(self):
+        from fxquant.graph.passes import eliminate_dead_code
+        from fxquant.graph.passes.lower import is_pure_node
+        from fxquant.graph.tracer import QuantTracer
+
+        class M(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.q = fxquant.quantizers.get("ste_sign")
+                self.lin = nn.Linear(2, 2)
+                self.drop = nn.Dropout(0.5)
+
+            def forward(self, x):
+                self.q(x)
+                self.lin.weight.t()
+                torch.rand_like(x)  # draws random numbers: kept
+                torch._assert(x.dim() == 2, "2D")  # a check: kept
+                self.drop(x)  # a module fxquant does not know: kept
+                return torch.relu(x)
+
+        model = M()
+        gm = torch.fx.GraphModule(model, QuantTracer().trace(model))
+        kinds = {n.name: is_pure_node(gm, n) for n in gm.graph.nodes}
+        assert kinds["q"] and kinds["lin_weight"] and kinds["t"] and kinds["relu"]
+        assert not kinds["rand_like"] and not kinds["_assert"] and not kinds["drop"]
+        assert not kinds["x"] and not kinds["output"]
+        eliminate_dead_code(gm)
+        gm.graph.lint()
+        gm.recompile()
+        names = {n.name for n in gm.graph.nodes}
+        assert {"rand_like", "_assert", "drop", "relu"} <= names
+        assert not {"q", "lin_weight", "t"} & names
+        assert not hasattr(gm, "q")  # the unused quantizer module is gone too
+
+
+class TestWeightReadTwice:
+    """A forward that reads a quantized layer's weight for something else too (repro r9)."""
+
+    class ReadsDtype(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+
+        def forward(self, x):
+            x = x.to(self.b.weight.dtype)  # only the dtype of b.weight
+            return self.c(self.b(self.a(x))) * self.b.weight.shape[0]
+
+    class ReadsValues(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+
+        def forward(self, x):
+            h = self.b(self.a(x))
+            return self.c(h + h @ self.b.weight.t())  # the latent weight's values
+
+    @pytest.mark.parametrize("recipe", ["bnn", "dorefa"])
+    def test_metadata_reads_see_the_folded_weight(self, recipe):
+        prepared = fxquant.prepare(self.ReadsDtype(), RECIPES[recipe]()).eval()
+        converted = fxquant.convert(prepared)
+        converted.graph.lint()
+        x = torch.randn(3, 4, dtype=torch.float64)
+        with torch.no_grad():
+            out = converted(x)
+            assert out.dtype == torch.float32 and torch.equal(out, prepared(x))
+        assert "b.weight" not in dict(converted.named_parameters())  # no latent weight left
+        reads = [n for n in converted.graph.nodes if "b" in str(n.target).split(".")[:1]
+                 and n.op in ("get_attr", "call_module") and "weight" in str(n.target)]
+        assert len(reads) == 1  # one read of the constant serves the layer and the dtype
+
+    def test_value_reads_keep_the_latent_weight(self):
+        prepared = fxquant.prepare(self.ReadsValues(), fxquant.Recipe.bnn()).eval()
+        converted = fxquant.convert(prepared)
+        converted.graph.lint()
+        x = torch.randn(3, 4)
+        with torch.no_grad():
+            assert torch.equal(converted(x), prepared(x))
+            # hand-written oracle: b uses sign(W) on sign(input), the matmul the latent W
+            w = prepared.b.weight
+            a = prepared.a(x)
+            h = torch.nn.functional.linear(torch.where(a >= 0, 1.0, -1.0), torch.sign(w),
+                                           prepared.b.bias)
+            c_in = h + h @ w.t()
+            expected = prepared.c(c_in) if prepared.c.weight.shape[1] == 8 else None
+            torch.testing.assert_close(converted(x), expected, rtol=1e-6, atol=1e-6)
+        assert torch.equal(converted.b.weight, prepared.b.weight)

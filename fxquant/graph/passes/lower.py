@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import builtins
+import inspect
+import operator
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.fx
@@ -14,7 +19,7 @@ from fxquant.graph.meta import get_record, set_record, update_record
 from fxquant.quantizers.base import Quantizer
 
 __all__ = ["restore_plain_layers", "lower_activation_quantizers", "pack_weights",
-           "eliminate_dead_code"]
+           "eliminate_dead_code", "is_pure_node"]
 
 
 class _Inference(nn.Module):
@@ -102,11 +107,17 @@ def pack_weights(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """Folded weights of 1 to 8 bits become a :class:`fxquant.ops.PackedWeight` submodule
     ``<owner>.<name>_packed`` (codes + value table) whose call in the graph yields the exact weight.
     """
+    reads: dict[str, list[torch.fx.Node]] = {}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            reads.setdefault(str(node.target), []).append(node)
     for node in list(gm.graph.nodes):
         record = get_record(node)
         if record is None or record.role != "folded_weight" or record.bits not in ops.packable_bits:
             continue
         target = str(node.target)
+        if target not in reads:  # a read of a weight packed already, erased
+            continue
         owner_path, _, attr = target.rpartition(".")
         owner = gm.get_submodule(owner_path)
         weight = getattr(owner, attr)
@@ -118,19 +129,90 @@ def pack_weights(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         delattr(owner, attr)
         name = f"{owner_path}.{attr}_packed" if owner_path else f"{attr}_packed"
         gm.add_submodule(name, ops.PackedWeight(codes, table, tuple(weight.shape), record.bits))
-        with gm.graph.inserting_before(node):
+        # every read of the attribute (a forward may also read its dtype) now reads the module
+        with gm.graph.inserting_before(reads[target][0]):
             unpacked = gm.graph.call_module(name)
         unpacked.meta.update(node.meta)
         update_record(unpacked, role="packed_weight", tensors=(f"{name}.codes", f"{name}.table"))
-        node.replace_all_uses_with(unpacked)
-        gm.graph.erase_node(node)
+        for read in reads.pop(target):
+            read.replace_all_uses_with(unpacked)
+            gm.graph.erase_node(read)
     return gm
 
 
+# functions whose call changes something other than its result
+_MUTATING_FUNCTIONS = frozenset({
+    operator.setitem, operator.delitem, operator.iadd, operator.iand, operator.iconcat,
+    operator.ifloordiv, operator.ilshift, operator.imatmul, operator.imod, operator.imul,
+    operator.ior, operator.ipow, operator.irshift, operator.isub, operator.itruediv,
+    operator.ixor, builtins.setattr, builtins.delattr, builtins.print})
+# Python functions with no side effect besides their result
+_PURE_BUILTINS = frozenset({builtins.getattr, builtins.len, builtins.isinstance,
+                            builtins.hasattr, builtins.int, builtins.float, builtins.bool,
+                            builtins.tuple, builtins.min, builtins.max, builtins.abs})
+# Tensor method names that are also in-place methods of Python containers or have effects
+_IMPURE_NAMES = frozenset({"add", "sort", "backward", "register_hook", "retain_grad",
+                                  "register_post_accumulate_grad_hook", "record_stream"})
+# name fragments of ops that draw random numbers (dropping a call would shift later draws) or
+# check something (torch._assert)
+_RANDOM_OR_CHECK = ("rand", "dropout", "bernoulli", "multinomial", "normal", "poisson",
+                    "uniform", "exponential", "geometric", "cauchy", "gumbel", "rrelu",
+                    "assert", "check")
+
+
+def _writes_in_place(node: torch.fx.Node, fn: Callable[..., Any]) -> bool:
+    """``out=`` or a true ``inplace`` argument, by keyword or position."""
+    if node.kwargs.get("out") is not None or node.kwargs.get("inplace", False) is not False:
+        return True
+    try:
+        names = list(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):  # builtins without a signature take no ``inplace``
+        return False
+    i = names.index("inplace") if "inplace" in names else len(node.args)
+    return i < len(node.args) and node.args[i] is not False
+
+
+def is_pure_node(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    """Whether dropping ``node`` when nothing uses its result changes nothing else.
+
+    Conservative: only reads of attributes, calls of fxquant quantizers and packed weights, and
+    calls of torch functions and tensor methods that are not in-place (a name ending in ``_``,
+    ``out=``, ``inplace=True``, ``operator.setitem`` and the ``+=`` family), draw no random
+    numbers and check nothing. Calls of other modules, of user functions, and anything unknown
+    are kept.
+    """
+    if node.op == "get_attr":
+        return True
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(str(node.target)), (Quantizer, ops.PackedWeight))
+    if node.op == "call_method":
+        name = str(node.target)
+        return (hasattr(torch.Tensor, name) and not name.endswith("_")
+                and name not in _IMPURE_NAMES and node.kwargs.get("out") is None
+                and not any(part in name for part in _RANDOM_OR_CHECK))
+    if node.op != "call_function":
+        return False  # placeholder, output
+    fn = node.target
+    if fn in _MUTATING_FUNCTIONS:
+        return False
+    if fn in _PURE_BUILTINS or getattr(fn, "__module__", None) == "_operator":
+        return True
+    name = getattr(fn, "__name__", "")
+    in_torch = (str(getattr(fn, "__module__", None) or "").split(".")[0] == "torch"
+                or getattr(fn, "__objclass__", None) in (torch.Tensor, torch._C.TensorBase))
+    return (in_torch and not isinstance(fn, (torch._ops.OpOverload, torch._ops.OpOverloadPacket))
+            and not name.endswith("_") and name not in _IMPURE_NAMES
+            and not any(part in name for part in _RANDOM_OR_CHECK)
+            and not _writes_in_place(node, fn))
+
+
 def eliminate_dead_code(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """Drop unused nodes, then submodules nothing calls or reads any more (quantizers, folded
-    BNs); linear in the model size (``GraphModule.delete_all_unused_submodules`` is quadratic)."""
-    gm.graph.eliminate_dead_code()
+    """Drop unused nodes that are pure (:func:`is_pure_node`: an unused ``h.mul_(0.5)`` stays),
+    then submodules nothing calls or reads any more (quantizers, folded BNs); linear in the
+    model size (``GraphModule.delete_all_unused_submodules`` is quadratic)."""
+    for node in reversed(gm.graph.nodes):
+        if not node.users and is_pure_node(gm, node):
+            gm.graph.erase_node(node)
     used = {""}
     for node in gm.graph.nodes:
         if node.op in ("call_module", "get_attr"):
