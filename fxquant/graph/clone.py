@@ -35,6 +35,8 @@ def _immutable(value: Any) -> bool:
 def _clone_tensor(t: torch.Tensor | None, memo: dict[int, Any]) -> torch.Tensor | None:
     if t is None:
         return None
+    if id(t) not in memo and isinstance(t, nn.parameter.UninitializedTensorMixin):
+        memo[id(t)] = copy.deepcopy(t, memo)  # a lazy module's: no values to clone yet
     if id(t) not in memo:
         new = t.detach().clone()
         if isinstance(t, nn.Parameter):
@@ -62,6 +64,8 @@ def _clone(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
             state[key] = {k: None if c is None else _clone(c, memo) for k, c in value.items()}
         elif _immutable(value):
             state[key] = value
+        elif isinstance(value, torch.Tensor) and value.grad_fn is not None:
+            state[key] = value.detach().clone()  # set by a hook at each call (old weight_norm)
         else:
             state[key] = copy.deepcopy(value, memo)
     new.__dict__.update(state)

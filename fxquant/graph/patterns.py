@@ -13,25 +13,38 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.lazy import LazyModuleMixin
+from torch.nn.utils.weight_norm import WeightNorm
 
 __all__ = ["LayerMatch", "match_layer", "is_batch_norm", "is_activation", "pattern_end",
            "is_plain_batch_norm",
            "layer_arg", "set_layer_arg", "keeps_output_for_backward", "Submodules",
-           "FUNCTIONAL_FORM"]
+           "FUNCTIONAL_FORM", "layer_form", "not_plain_layer"]
 
-# module class -> (op name, functional form used once its weight is quantized)
+# module class -> (op name, functional form used once its weight is quantized). Subclasses that
+# keep the class's forward match too (see layer_form).
 FUNCTIONAL_FORM: dict[type[nn.Module], tuple[str, Callable[..., Any]]] = {
     nn.Linear: ("linear", F.linear),
     nn.Conv1d: ("conv1d", F.conv1d),
     nn.Conv2d: ("conv2d", F.conv2d),
     nn.Conv3d: ("conv3d", F.conv3d),
+    nn.ConvTranspose1d: ("conv_transpose1d", F.conv_transpose1d),
+    nn.ConvTranspose2d: ("conv_transpose2d", F.conv_transpose2d),
+    nn.ConvTranspose3d: ("conv_transpose3d", F.conv_transpose3d),
 }
+_LAYER_CLASSES = tuple(FUNCTIONAL_FORM)
 
 # functional call -> op name (weight is args[1] or kwargs["weight"])
 _FUNCTIONS: dict[Callable[..., Any], str] = {
     F.linear: "linear", torch.conv1d: "conv1d", torch.conv2d: "conv2d", torch.conv3d: "conv3d",
     F.conv1d: "conv1d", F.conv2d: "conv2d", F.conv3d: "conv3d",
+    F.conv_transpose1d: "conv_transpose1d", F.conv_transpose2d: "conv_transpose2d",
+    F.conv_transpose3d: "conv_transpose3d", torch.conv_transpose1d: "conv_transpose1d",
+    torch.conv_transpose2d: "conv_transpose2d", torch.conv_transpose3d: "conv_transpose3d",
 }
+
+# methods a Linear/Conv subclass must inherit unchanged to compute its base class's forward
+_FORWARD_METHODS = ("forward", "_conv_forward", "_output_padding")
 
 # forwards that compute exactly F.batch_norm (SyncBatchNorm syncs statistics only when training
 # under torch.distributed with more than one process; otherwise it calls F.batch_norm too)
@@ -105,12 +118,50 @@ def set_layer_arg(node: torch.fx.Node, name: str, value: Any) -> None:
         node.update_kwarg(name, value)
 
 
+def _base_layer_class(cls: type[nn.Module]) -> type[nn.Module] | None:
+    return next((base for base in cls.__mro__ if base in FUNCTIONAL_FORM), None)
+
+
+def not_plain_layer(module: nn.Module) -> str | None:
+    """Why calling ``module`` is not exactly its Linear/Conv base class's functional form, or
+    None when it is (the class or a subclass keeping its forward, no hooks but weight_norm's).
+
+    Such a module cannot have its call replaced by ``F.linear``/``F.conv*``: the reason is what
+    fxquant reports when it leaves the layer in float.
+    """
+    cls = type(module)
+    base = _base_layer_class(cls)
+    if base is None:
+        return f"{cls.__name__} is not a Linear/Conv/ConvTranspose layer"
+    for method in _FORWARD_METHODS:
+        if getattr(cls, method, None) is not getattr(base, method, None):
+            return (f"{cls.__name__} overrides {base.__name__}.{method}, so its call is not "
+                    f"{FUNCTIONAL_FORM[base][0]}")
+    if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
+        return "lazy module not materialised: run one forward pass before prepare"
+    pre_hooks = [h for h in module._forward_pre_hooks.values() if not isinstance(h, WeightNorm)]
+    if pre_hooks or module._forward_hooks or module._backward_hooks or module._backward_pre_hooks:
+        return "it has forward/backward hooks, which its functional form would not run"
+    return None
+
+
+def layer_form(module: nn.Module | None) -> tuple[str, Callable[..., Any]] | None:
+    """``(op name, functional form)`` when calling ``module`` is a plain Linear/Conv layer call,
+    subclasses (``NonDynamicallyQuantizableLinear``, parametrized layers) included."""
+    if not isinstance(module, _LAYER_CLASSES) or not_plain_layer(module) is not None:
+        return None
+    base = _base_layer_class(type(module))
+    assert base is not None
+    return FUNCTIONAL_FORM[base]
+
+
 def match_layer(node: torch.fx.Node, modules: Mapping[str, nn.Module]) -> LayerMatch | None:
-    """Return a LayerMatch if ``node`` is a weighted layer whose weight is a parameter."""
+    """Return a LayerMatch if ``node`` is a weighted layer whose weight is a parameter: a call
+    of a plain Linear/Conv/ConvTranspose module (:func:`layer_form`) or of their functions."""
     if node.op == "call_module":
         module = modules.get(str(node.target))
-        form = FUNCTIONAL_FORM.get(type(module)) if module is not None else None
-        if form is None:
+        form = layer_form(module)
+        if form is None or _given_output_size(node):
             return None
         return LayerMatch(form[0], str(node.target), str(node.target), type(module), None, None)
     if node.op == "call_function" and node.target in _FUNCTIONS:
@@ -122,6 +173,12 @@ def match_layer(node: torch.fx.Node, modules: Mapping[str, nn.Module]) -> LayerM
         path = owner if attr == "weight" and owner else target
         return LayerMatch(_FUNCTIONS[node.target], path, owner, None, node.target, weight)
     return None
+
+
+def _given_output_size(node: torch.fx.Node) -> bool:
+    """A ConvTranspose call given ``output_size`` (its output padding depends on the input)."""
+    return (len(node.args) > 1 and node.args[1] is not None) or node.kwargs.get(
+        "output_size") is not None
 
 
 def _single_user(node: torch.fx.Node) -> torch.fx.Node | None:

@@ -9,15 +9,17 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.weight_norm import WeightNorm
 
 from fxquant import nn as fxquant_nn
 from fxquant.graph.clone import clone_module
 from fxquant.graph.meta import QuantRecord, Slot, get_record, set_record, update_record
 from fxquant.graph.patterns import (
-    FUNCTIONAL_FORM,
     Submodules,
     keeps_output_for_backward,
     layer_arg,
+    layer_form,
     pattern_end,
     set_layer_arg,
 )
@@ -69,15 +71,41 @@ def _new_quantizer(spec: Any, prototypes: dict[int, tuple[Any, Quantizer]]) -> Q
     return clone_module(prototypes[id(spec)][1])
 
 
+def _layer_tensor(gm: torch.fx.GraphModule, path: str, module: nn.Module,
+                  name: str) -> torch.fx.Node | None:
+    """A node computing ``module.<name>`` (weight or bias) the way the module's own call does.
+
+    A parametrized tensor is recomputed from its originals by ``<path>.parametrizations.<name>``
+    (a ``get_attr`` would read a value, and copying the GraphModule would assign it back through
+    the parametrization); the old ``torch.nn.utils.weight_norm`` hook's tensor is recomputed from
+    ``<name>_v`` and ``<name>_g`` as the hook does. Either way the originals stay the trained
+    parameters and keep their state_dict keys.
+    """
+    if parametrize.is_parametrized(module, name):
+        return gm.graph.call_module(f"{path}.parametrizations.{name}")
+    hook = next((h for h in module._forward_pre_hooks.values()
+                 if isinstance(h, WeightNorm) and h.name == name), None)
+    if hook is not None:
+        v, g = gm.graph.get_attr(f"{path}.{name}_v"), gm.graph.get_attr(f"{path}.{name}_g")
+        return gm.graph.call_function(torch._weight_norm, (v, g, hook.dim))
+    return None if getattr(module, name) is None else gm.graph.get_attr(f"{path}.{name}")
+
+
 def _functional_call(gm: torch.fx.GraphModule, node: torch.fx.Node, module: nn.Module,
                      weight: torch.fx.Node) -> torch.fx.Node:
-    """The functional form of a Linear/Conv module call, fed by ``weight``."""
+    """The functional form of a Linear/Conv/ConvTranspose module call, fed by ``weight``: the
+    same computation as the module's forward (padding modes, groups, dilation, no bias)."""
     graph, target = gm.graph, str(node.target)
     x = layer_arg(node, "input")
-    bias = graph.get_attr(f"{target}.bias") if module.bias is not None else None
-    op, fn = FUNCTIONAL_FORM[type(module)]
+    bias = _layer_tensor(gm, target, module, "bias")
+    form = layer_form(module)
+    assert form is not None, f"{target} is not a plain Linear/Conv layer"
+    op, fn = form
     if op == "linear":
         return graph.call_function(fn, (x, weight, bias))
+    if op.startswith("conv_transpose"):  # forward without output_size: fixed output_padding
+        return graph.call_function(fn, (x, weight, bias, module.stride, module.padding,
+                                        module.output_padding, module.groups, module.dilation))
     padding = module.padding
     if module.padding_mode != "zeros":
         x = graph.call_function(F.pad, (x, module._reversed_padding_repeated_twice),
@@ -97,9 +125,11 @@ def insert_weight_quantizers(gm: torch.fx.GraphModule, recipe: Recipe) -> torch.
     for node, record in _layers(gm, "weight"):
         with gm.graph.inserting_before(node):
             if node.op == "call_module":
-                weight = gm.graph.get_attr(f"{node.target}.weight")
+                module = modules[str(node.target)]
+                weight = _layer_tensor(gm, str(node.target), module, "weight")
+                assert weight is not None, f"{node.target} has no weight"
                 qweight = _add_quantizer(gm, node, record, "weight", weight, prototypes)
-                new = _functional_call(gm, node, modules[str(node.target)], qweight)
+                new = _functional_call(gm, node, module, qweight)
                 new.meta.update(node.meta)
                 node.replace_all_uses_with(new)
                 gm.graph.erase_node(node)
