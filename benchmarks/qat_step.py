@@ -1,5 +1,9 @@
-"""One training step (forward + backward + SGD) of the ResNet-18-style net prepared with
+"""One training step (forward + backward + SGD) of the Bi-Real-style ResNet-18 prepared with
 ``Recipe.bnn()``, as a ratio to the float model's step in the same run, plus peak memory.
+
+The net is :class:`tests.models.BiRealResNet`: every binary conv reads the sign of a batch norm
+output plus the shortcut, which takes both signs. (Earlier versions measured the float ResNet
+of ``tests.models.resnet18``, whose binary convs read relu outputs: a constant +1 input.)
 
 Time: the two steps alternate (float, bnn, float, ...) so both see the same machine noise; the
 ratio is the median over pairs of bnn-step / float-step, with the page faults of each step.
@@ -36,12 +40,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks.common import ROOT, write
 from fxquant import Recipe, prepare, training
-from tests.models import resnet18
+from tests.models import bireal_resnet18
 
 
 def _model(variant: str, width: int) -> torch.nn.Module:
     torch.manual_seed(0)
-    model = resnet18(width=width)
+    model = bireal_resnet18(width=width)
     return model if variant == "float" else prepare(model, Recipe.bnn())
 
 
