@@ -55,6 +55,12 @@ def _param(gm: torch.fx.GraphModule, node: object) -> torch.Tensor | None:
     if isinstance(node, torch.fx.Node) and node.op == "get_attr":
         value = _fetch(gm, str(node.target))
         return value if isinstance(value, torch.Tensor) else None
+    if isinstance(node, torch.fx.Node) and node.op == "call_module" and not node.args:
+        with torch.no_grad():  # a parametrized weight: ``<layer>.parametrizations.weight()``
+            value = gm.get_submodule(str(node.target))()
+        return value if isinstance(value, torch.Tensor) else None
+    if isinstance(node, torch.fx.Node) and node.target is torch._weight_norm:
+        return _param(gm, node.args[0])  # old weight_norm: the weight has v's shape
     return None
 
 

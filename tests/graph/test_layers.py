@@ -19,6 +19,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm
 
 import fxquant
+from fxquant.inspect.summary import layer_stats
 from fxquant.quantizers import magnitude_aware_sign, ste_sign
 from fxquant.training import set_quantizers_enabled
 
@@ -175,6 +176,16 @@ class TestParametrizedLayers:
         prepared = _prepare(model, fxquant.Recipe(weight="ste_sign"))
         x = torch.randn(2, 3, 6, 6)
         assert torch.equal(fxquant.convert(prepared)(x), prepared.eval()(x))
+
+    def test_summary_counts_the_computed_weight(self):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            old = torch.nn.utils.weight_norm(nn.Linear(6, 4))
+        model = nn.Sequential(weight_norm(nn.Linear(5, 6)), old)
+        prepared = _prepare(model, fxquant.Recipe(weight="ste_sign"))
+        stats = layer_stats(prepared)
+        assert [(s.layer, s.weight_quantizer, s.weight_count) for s in stats] == [
+            ("0", "ste_sign", 30), ("1", "ste_sign", 24)]
 
     def test_old_weight_norm_hook_form_recomputes_the_weight(self):
         with warnings.catch_warnings():
