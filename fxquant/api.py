@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -51,12 +51,17 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 def prepare(model: nn.Module, recipe: Recipe, *, example_inputs: Sequence[Any] | None = None,
             concrete_args: dict[str, Any] | None = None,
-            leaf_modules: Iterable[str | type[nn.Module]] = ()) -> torch.fx.GraphModule:
+            leaf_modules: Iterable[str | type[nn.Module]] = (),
+            leaf_functions: Iterable[Callable[..., Any]] = ()) -> torch.fx.GraphModule:
     """Trace a copy of ``model`` and insert the quantizers ``recipe`` asks for.
 
     ``model`` is never modified (a DataParallel/DistributedDataParallel wrapper is unwrapped).
     ``concrete_args`` fixes Python-level arguments while tracing (``{"augment": False}``);
-    ``leaf_modules`` lists module paths or classes to keep opaque (and in float).
+    ``leaf_modules`` lists module paths or classes to keep opaque (and in float);
+    ``leaf_functions`` lists functions to call as they are instead of tracing into them (they
+    must be called by name from the module of traced code, as ``torch.fx.wrap`` requires).
+    Reads of ``self.training`` follow ``train()``/``eval()``; where Python control flow branches
+    on them, each mode gets its own graph (``prepared.graph`` is the current mode's).
     ``example_inputs``, if given, are run once (no grad, train/eval flags and buffers untouched)
     to record output shapes for :func:`fxquant.summary`.
 
@@ -66,14 +71,16 @@ def prepare(model: nn.Module, recipe: Recipe, *, example_inputs: Sequence[Any] |
         raise TypeError(f"prepare expects an nn.Module, got {type(model).__name__}")
     if not isinstance(recipe, Recipe):
         raise TypeError(f"prepare expects a fxquant.Recipe, got {type(recipe).__name__}")
-    leaf_modules = list(leaf_modules)
+    leaf_modules, leaf_functions = list(leaf_modules), list(leaf_functions)
     with _paused_gc():
         model = clone_module(_unwrap(model))
-        traced = trace_modes(model, concrete_args, leaf_modules, DeferredGraphModule)
+        traced = trace_modes(model, concrete_args, leaf_modules, DeferredGraphModule,
+                             leaf_functions)
         gm = merge_modes({mode: run(t, PREPARE, recipe) for mode, t in traced.items()},
                          model.training)
     training.install_clip_warning(gm)
-    preserve(gm, io.CONFIG_ATTR, io.options_to_plain(recipe, concrete_args, leaf_modules))
+    preserve(gm, io.CONFIG_ATTR,
+             io.options_to_plain(recipe, concrete_args, leaf_modules, leaf_functions))
     if example_inputs is not None:
         _record_shapes(gm, example_inputs)
     return gm

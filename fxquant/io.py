@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -52,7 +52,7 @@ def _import_path(obj: Any) -> str:
     except (ImportError, AttributeError):
         found = None
     if found is not obj:
-        raise ValueError(f"cannot save a rule keyed by {obj!r}: it is not importable by name")
+        raise ValueError(f"cannot save {obj!r} (a rule key or leaf): it is not importable by name")
     return f"{module}:{name}"
 
 
@@ -94,12 +94,13 @@ def recipe_from_plain(plain: dict[str, Any]) -> Recipe:
 
 
 def options_to_plain(recipe: Recipe, concrete_args: dict[str, Any] | None,
-                     leaf_modules: list[Any]) -> dict[str, Any]:
+                     leaf_modules: list[Any], leaf_functions: Sequence[Any] = ()) -> dict[str, Any]:
     """What prepare() was called with, as plain data; {"error": why} if it cannot be stored."""
     try:
         return {"recipe": recipe_to_plain(recipe), "concrete_args": dict(concrete_args or {}),
                 "leaf_modules": [x if isinstance(x, str) else _import_path(x)
-                                 for x in leaf_modules]}
+                                 for x in leaf_modules],
+                "leaf_functions": [_import_path(f) for f in leaf_functions]}
     except (ValueError, NotImplementedError) as err:
         return {"error": str(err)}
 
@@ -116,7 +117,8 @@ def save(gm: torch.fx.GraphModule, path: str | os.PathLike[str]) -> None:
     converted = is_converted(gm)
     quantizers = config["quantizers"] if converted else quantizer_configs(gm)
     torch.save({"format": FORMAT, "version": VERSION, "converted": converted,
-                "options": {k: config[k] for k in ("recipe", "concrete_args", "leaf_modules")},
+                "options": {k: config[k] for k in ("recipe", "concrete_args", "leaf_modules",
+                                                   "leaf_functions") if k in config},
                 "quantizers": quantizers, "state_dict": gm.state_dict()}, path)
 
 
@@ -152,7 +154,8 @@ def load(path: str | os.PathLike[str], model: nn.Module) -> torch.fx.GraphModule
         gm = prepare(model, recipe_from_plain(options["recipe"]),
                      concrete_args=options["concrete_args"] or None,
                      leaf_modules=[x if ":" not in x else _resolve(x)
-                                   for x in options["leaf_modules"]])
+                                   for x in options["leaf_modules"]],
+                     leaf_functions=[_resolve(x) for x in options.get("leaf_functions", [])])
         for name, plain in data["quantizers"].items():  # settings changed after prepare
             parent, _, child = name.rpartition(".")
             setattr(gm.get_submodule(parent), child, get(plain["name"], **plain["config"]))

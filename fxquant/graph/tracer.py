@@ -12,7 +12,7 @@ import os
 import re
 import traceback
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.fx
@@ -39,8 +39,14 @@ class QuantTracer(torch.fx.Tracer):
     ``leaf_modules`` holds qualified module paths (``"backbone.head"``) and/or module classes.
     """
 
-    def __init__(self, leaf_modules: Iterable[str | type[nn.Module]] = ()) -> None:
-        super().__init__()
+    def __init__(self, leaf_modules: Iterable[str | type[nn.Module]] = (),
+                 leaf_functions: Iterable[Callable[..., Any]] = ()) -> None:
+        functions = tuple(leaf_functions)
+        bad_functions = [f for f in functions if not callable(f)]
+        if bad_functions:
+            raise ValueError(f"leaf_functions takes functions, got {bad_functions!r}")
+        super().__init__(autowrap_functions=functions)
+        self.leaf_functions = functions
         # Buffers read in traced code become graph reads: an in-place update such as
         # ``self.calls.add_(1)`` is recorded instead of running once on the real buffer.
         self.proxy_buffer_attributes = True
@@ -177,50 +183,98 @@ def _reading_training(tracer: QuantTracer) -> Iterator[None]:
             del nn.Module.training
 
 
-def _advice(model: nn.Module, tracer: QuantTracer, concrete_args: dict[str, Any] | None,
-            leaf_modules: list[str | type[nn.Module]]) -> str:
-    """What to do about a failed trace, checked: the leaf classes that make the trace succeed."""
-    classes: list[type[nn.Module]] = []
-    failed = tracer.failed_path
-    while failed:  # the failing module's class as a leaf; then the next failure, if any
-        cls = type(model.get_submodule(failed))
-        if cls in classes or len(classes) == 8:
-            return ""
-        classes.append(cls)
-        retry = QuantTracer([*leaf_modules, *classes])
-        try:
-            retry.trace(model, concrete_args)
-        except Exception:
-            failed = retry.failed_path
+def _failure_site(err: BaseException) -> tuple[str, int] | None:
+    frame = _user_frame(err)
+    return (frame.filename, frame.lineno or 0) if frame else None
+
+
+def _called_functions(err: BaseException) -> list[Callable[..., Any]]:
+    """Module-level functions of the user's code on the failing call stack, innermost first:
+    the candidates for ``leaf_functions`` (a leaf function runs as it is, uninspected)."""
+    found: list[Callable[..., Any]] = []
+    tb = err.__traceback__
+    while tb is not None:
+        code, namespace = tb.tb_frame.f_code, tb.tb_frame.f_globals
+        fn = namespace.get(code.co_name)
+        if (getattr(fn, "__code__", None) is code and code.co_name != "forward"
+                and not os.path.abspath(code.co_filename).startswith((_TORCH_DIR, _FXQUANT_DIR))):
+            found.append(fn)
+        tb = tb.tb_next
+    return found[::-1]
+
+
+def _advice(model: nn.Module, err: BaseException, tracer: QuantTracer,
+            concrete_args: dict[str, Any] | None, leaf_modules: list[str | type[nn.Module]],
+            leaf_functions: list[Callable[..., Any]]) -> str:
+    """What to do about a failed trace, checked by tracing again: the leaf functions (preferred:
+    the layers around them stay quantized) and leaf classes that make the trace succeed."""
+    modules: list[type[nn.Module]] = []
+    functions: list[Callable[..., Any]] = []
+    failed, site = tracer.failed_path, _failure_site(err)
+    for _ in range(8):
+        candidates: list[Any] = [f for f in _called_functions(err) if f not in functions]
+        if failed:
+            candidates.append(type(model.get_submodule(failed)))
+        for leaf in candidates:
+            is_class = isinstance(leaf, type)
+            retry = QuantTracer([*leaf_modules, *modules, *([leaf] if is_class else [])],
+                                [*leaf_functions, *functions, *([] if is_class else [leaf])])
+            try:
+                retry.trace(model, concrete_args)
+            except Exception as again:
+                if _failure_site(again) == site:
+                    continue  # this leaf does not get past the failure
+                (modules if is_class else functions).append(leaf)
+                err, failed, site = again, retry.failed_path, _failure_site(again)
+                break
+            (modules if is_class else functions).append(leaf)
+            return _advice_text(modules, functions)
         else:
-            names = ", ".join(f"{c.__module__}.{c.__qualname__}" for c in classes)
-            which = "these classes" if len(classes) > 1 else "that class"
-            return (f"Fix (checked: tracing then succeeds): prepare(..., leaf_modules=[{names}])"
-                    f" keeps every instance of {which} opaque: those modules run as they are and "
-                    f"stay in float (their layers are not quantized). ")
+            return ""
     return ""
+
+
+def _advice_text(modules: list[type[nn.Module]], functions: list[Callable[..., Any]]) -> str:
+    name = lambda x: f"{x.__module__}.{x.__qualname__}"  # noqa: E731
+    args = []
+    if functions:
+        args.append(f"leaf_functions=[{', '.join(map(name, functions))}]")
+    if modules:
+        args.append(f"leaf_modules=[{', '.join(map(name, modules))}]")
+    text = f"Fix (checked: tracing then succeeds): prepare(..., {', '.join(args)})."
+    if functions:
+        text += " A leaf function is called as it is at run time (fxquant does not look inside)."
+    if modules:
+        which = "these classes" if len(modules) > 1 else "that class"
+        text += (f" Leaf modules keep every instance of {which} opaque: those modules run as "
+                 f"they are and stay in float (their layers are not quantized).")
+    return text + " "
 
 
 def trace(model: nn.Module, concrete_args: dict[str, Any] | None = None,
           leaf_modules: Iterable[str | type[nn.Module]] = (),
-          graph_module_class: type[torch.fx.GraphModule] = torch.fx.GraphModule
-          ) -> torch.fx.GraphModule:
+          graph_module_class: type[torch.fx.GraphModule] = torch.fx.GraphModule,
+          leaf_functions: Iterable[Callable[..., Any]] = ()) -> torch.fx.GraphModule:
     """Trace ``model`` (not copied: the GraphModule shares its submodules) into a GraphModule
     of ``graph_module_class`` in its current train/eval mode (see :func:`trace_modes`)."""
-    return _trace(model, concrete_args, list(leaf_modules), graph_module_class)[0]
+    leaves = _Leaves(list(leaf_modules), list(leaf_functions))
+    return _trace(model, concrete_args, leaves, graph_module_class)[0]
 
 
 def trace_modes(model: nn.Module, concrete_args: dict[str, Any] | None = None,
                 leaf_modules: Iterable[str | type[nn.Module]] = (),
-                graph_module_class: type[torch.fx.GraphModule] = torch.fx.GraphModule
+                graph_module_class: type[torch.fx.GraphModule] = torch.fx.GraphModule,
+                leaf_functions: Iterable[Callable[..., Any]] = ()
                 ) -> dict[bool, torch.fx.GraphModule]:
     """Trace ``model`` once per train/eval mode its control flow depends on.
 
     Returns ``{model.training: gm}`` when Python control flow never branched on a ``training``
     flag, or when the other mode gives the same graph; otherwise ``{True: gm_train,
     False: gm_eval}`` (the model is traced in the other mode, then put back in its own).
+    ``leaf_functions`` are called as they are (``torch.fx``'s ``autowrap_functions``: functions
+    called by name from the modules of traced code).
     """
-    leaves = list(leaf_modules)
+    leaves = _Leaves(list(leaf_modules), list(leaf_functions))
     mode = model.training
     gm, branches = _trace(model, concrete_args, leaves, graph_module_class)
     if not branches:
@@ -233,6 +287,11 @@ def trace_modes(model: nn.Module, concrete_args: dict[str, Any] | None = None,
     if _same_graph(gm.graph, other.graph):
         return {mode: gm}
     return {mode: gm, not mode: other}
+
+
+class _Leaves(NamedTuple):
+    modules: list[str | type[nn.Module]]
+    functions: list[Callable[..., Any]]
 
 
 def _same_graph(a: torch.fx.Graph, b: torch.fx.Graph) -> bool:
@@ -255,10 +314,9 @@ def _same_graph(a: torch.fx.Graph, b: torch.fx.Graph) -> bool:
 
 
 def _trace(model: nn.Module, concrete_args: dict[str, Any] | None,
-           leaf_modules: list[str | type[nn.Module]],
-           graph_module_class: type[torch.fx.GraphModule]
+           leaves: _Leaves, graph_module_class: type[torch.fx.GraphModule]
            ) -> tuple[torch.fx.GraphModule, list[str]]:
-    tracer = QuantTracer(leaf_modules)
+    tracer = QuantTracer(*leaves)
     try:
         graph = tracer.trace(model, concrete_args)
     except Exception as err:
@@ -267,15 +325,16 @@ def _trace(model: nn.Module, concrete_args: dict[str, Any] | None,
             else "the top-level forward"
         frame = _user_frame(err)
         line = f" at {frame.filename}:{frame.lineno}: `{frame.line}`" if frame else ""
-        advice = _advice(model, tracer, concrete_args, leaf_modules) if where else ""
+        advice = _advice(model, err, tracer, concrete_args, *leaves)
         raise TracingError(
             f"fxquant could not trace {type(model).__name__}: {module}{line} failed with "
             f"{type(err).__name__}: {err}\n{advice}"
             f"Other fixes: rewrite that line without Python control flow on tensor values or "
             f"shapes, len() or iteration of tensors (branches on self.training are fine); "
             f"pass concrete_args={{'flag': value}} to fix Python-level arguments of the "
-            f"top-level forward; or list a module path or class in leaf_modules=[...] (it then "
-            f"stays in float and opaque to fxquant)."
+            f"top-level forward; list a function in leaf_functions=[...] (called as it is); or "
+            f"a module path or class in leaf_modules=[...] (it then stays in float and opaque "
+            f"to fxquant)."
         ) from err
     _keep_concrete_defaults(graph, concrete_args or {})
     gm = graph_module_class(tracer.root, graph, type(model).__name__)

@@ -119,3 +119,49 @@ def test_prepare_rejects_non_module_and_non_recipe():
         fxquant.prepare(lambda x: x, fxquant.Recipe())
     with pytest.raises(TypeError, match="Recipe"):
         fxquant.prepare(nn.Linear(2, 2), {"weight": "ste_sign"})
+
+
+def rescale(x):
+    """Python control flow on a shape, in a plain function (timm's scale_image)."""
+    if x.shape[-1] != 3:
+        return x[..., :3]
+    return x
+
+
+class CallsRescale(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(3, 3), nn.Linear(3, 3), nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.fc3(self.fc2(rescale(self.fc1(x))))
+
+
+def test_a_failing_plain_function_is_advised_as_a_leaf_function_and_that_works():
+    with pytest.raises(TracingError) as info:
+        fxquant.prepare(CallsRescale(), fxquant.Recipe(weight="ste_sign"))
+    assert f"leaf_functions=[{__name__}.rescale]" in str(info.value)
+    prepared = fxquant.prepare(CallsRescale(), fxquant.Recipe(weight="ste_sign"),
+                               leaf_functions=[rescale])
+    prepared.graph.lint()
+    assert any(n.op == "call_function" and n.target is rescale for n in prepared.graph.nodes)
+    # the layers around it are still quantized
+    assert {"fc2_weight_quantizer", "fc3_weight_quantizer"} <= set(dict(prepared.named_modules()))
+    x = torch.randn(2, 3)
+    fxquant.training.set_quantizers_enabled(prepared, False)
+    model = CallsRescale()
+    prepared.load_state_dict(model.state_dict())
+    assert torch.equal(prepared(x), model(x))
+
+
+def test_leaf_functions_are_saved_with_the_model(tmp_path):
+    model = CallsRescale()
+    prepared = fxquant.prepare(model, fxquant.Recipe(weight="ste_sign"), leaf_functions=[rescale])
+    fxquant.save(prepared, tmp_path / "m.fxq")
+    loaded = fxquant.load(tmp_path / "m.fxq", CallsRescale())
+    assert any(n.target is rescale for n in loaded.graph.nodes)
+
+
+def test_bad_leaf_functions_argument():
+    with pytest.raises(ValueError, match="leaf_functions"):
+        QuantTracer([], [42])
