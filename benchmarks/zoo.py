@@ -5,8 +5,8 @@ models over 150M parameters skipped with the reason) and a recipe (``bnn`` by de
 ``dorefa``) it runs the steps of :data:`STEPS`, each an independent check against the float model:
 
 * ``prepare``: ``fxquant.prepare``; on a :class:`fxquant.TracingError` the advice it prints
-  (``leaf_modules=['path']``) is applied and prepare rerun, up to 10 times; the row names the
-  leaf modules the advice added (a TracingError without usable advice is a failure);
+  (``leaf_modules=[...]``, ``leaf_functions=[...]``) is applied and prepare rerun, up to 10 times;
+  the rows name what the advice added (a TracingError without usable advice is a failure);
 * ``state_dict``: the prepared model's ``state_dict`` keys are the float model's, and
   ``prepared.load_state_dict(float.state_dict(), strict=True)`` works;
 * ``eval_equal``: with every quantizer disabled, ``prepared.eval()(x)`` equals ``float.eval()(x)``
@@ -96,7 +96,7 @@ TINY: dict[str, tuple[str, dict[str, Any], int]] = {
 # convs + squeeze-excitation + hardswish + a dropout head (MobileNetV3), in-place ReLUs feeding
 # residual adds (ResNet-18).
 SUBSET = ("vit_tiny", "swin_tiny", "mobilenet_v3_small", "resnet18")
-ADVICE = re.compile(r"leaf_modules=\[([^\]]*)\]")
+ADVICE = re.compile(r"(leaf_modules|leaf_functions)=\[([^\]]*)\]")
 REL_TOL_BN_FOLD = 1e-5
 
 
@@ -164,8 +164,8 @@ def build_float(name: str, seed: int = 0) -> nn.Module:
     return model
 
 
-def _resolve(dotted: str) -> type[nn.Module]:
-    """The class named ``package.module.Class`` (or ``module.Outer.Inner``)."""
+def _resolve(dotted: str) -> Any:
+    """The class or function named ``package.module.name`` (or ``module.Outer.Inner``)."""
     parts = dotted.split(".")
     for i in range(len(parts) - 1, 0, -1):
         try:
@@ -178,17 +178,20 @@ def _resolve(dotted: str) -> type[nn.Module]:
     raise ValueError(f"cannot import {dotted!r}")
 
 
-def advised_leaf_modules(message: str) -> list[str | type[nn.Module]]:
-    """The first concrete ``leaf_modules=[...]`` a TracingError message advises: module paths
-    (``'features.3'``) and/or classes (``torchvision.ops.misc.Permute``); [] when none."""
+def advised_leaves(message: str) -> dict[str, list[Any]]:
+    """The first concrete ``leaf_modules=[...]`` and ``leaf_functions=[...]`` a TracingError
+    message advises: module paths (``'features.3'``), classes (``torchvision.ops.misc.Permute``)
+    and functions (``torchvision.ops.stochastic_depth``); ``{}`` when none."""
+    advice: dict[str, list[Any]] = {}
     for match in ADVICE.finditer(message):
-        items = [item.strip() for item in match.group(1).split(",") if item.strip()]
-        if items and "..." not in items:
-            return [item.strip("'\"") if item[0] in "'\"" else _resolve(item) for item in items]
-    return []
+        items = [item.strip() for item in match.group(2).split(",") if item.strip()]
+        if items and "..." not in items and match.group(1) not in advice:
+            advice[match.group(1)] = [item.strip("'\"") if item[0] in "'\"" else _resolve(item)
+                                      for item in items]
+    return advice
 
 
-def leaf_names(leaves: list[str | type[nn.Module]]) -> list[str]:
+def leaf_names(leaves: list[Any]) -> list[str]:
     return [x if isinstance(x, str) else f"{x.__module__}.{x.__qualname__}" for x in leaves]
 
 
@@ -202,23 +205,33 @@ class Case:
     x: torch.Tensor
     target: torch.Tensor
     leaf_modules: list[str | type[nn.Module]] = dataclasses.field(default_factory=list)
+    leaf_functions: list[Callable[..., Any]] = dataclasses.field(default_factory=list)
     prepared: torch.fx.GraphModule | None = None
     converted: torch.fx.GraphModule | None = None
 
     def prepare(self) -> torch.fx.GraphModule:
-        """The prepared model, following TracingError advice (``leaf_modules``) when given."""
+        """The prepared model, following TracingError advice (``leaf_modules``,
+        ``leaf_functions``) when given, up to 10 times."""
+        for _ in range(10):
+            if self.prepared is not None:
+                break
+            extra = {"leaf_functions": self.leaf_functions} if self.leaf_functions else {}
+            try:
+                self.prepared = fxquant.prepare(self.float_model, RECIPES[self.recipe](),
+                                                leaf_modules=self.leaf_modules, **extra)
+            except fxquant.TracingError as err:
+                advice = advised_leaves(str(err))
+                new_modules = [x for x in advice.get("leaf_modules", [])
+                               if x not in self.leaf_modules]
+                new_functions = [x for x in advice.get("leaf_functions", [])
+                                 if x not in self.leaf_functions]
+                if not new_modules and not new_functions:
+                    raise
+                self.leaf_modules += new_modules
+                self.leaf_functions += new_functions
         if self.prepared is None:
-            while True:
-                try:
-                    self.prepared = fxquant.prepare(self.float_model, RECIPES[self.recipe](),
-                                                    leaf_modules=self.leaf_modules)
-                    break
-                except fxquant.TracingError as err:
-                    new = [x for x in advised_leaf_modules(str(err))
-                           if x not in self.leaf_modules]
-                    if not new or len(self.leaf_modules) >= 10:
-                        raise
-                    self.leaf_modules += new
+            raise RuntimeError(f"{self.name}: prepare still fails after applying the advice of "
+                               f"10 TracingErrors")
         return self.prepared
 
     def convert(self) -> torch.fx.GraphModule:
@@ -308,8 +321,9 @@ def step_prepare(case: Case) -> Result:
     case.prepare()
     n = len(training.quantizers(case.prepared))
     note = f"{n} quantizers"
-    if case.leaf_modules:
-        note += f"; TracingError advice applied: leaf_modules={leaf_names(case.leaf_modules)}"
+    if case.leaf_modules or case.leaf_functions:
+        note += (f"; TracingError advice applied: leaf_modules={leaf_names(case.leaf_modules)}"
+                 f" leaf_functions={leaf_names(case.leaf_functions)}")
     return None, note
 
 
@@ -530,9 +544,10 @@ def run_model(name: str, recipe: str, steps: list[str] | None = None) -> list[di
             if step == "convert" and case.converted is None:
                 failed["convert"] = "convert failed"
     rows[0]["seconds"] += round(build, 3)
-    if case.leaf_modules:
+    if case.leaf_modules or case.leaf_functions:
         for r in rows:
-            r["leaf_modules"] = leaf_names(case.leaf_modules)
+            r["advice"] = {"leaf_modules": leaf_names(case.leaf_modules),
+                           "leaf_functions": leaf_names(case.leaf_functions)}
     return rows
 
 

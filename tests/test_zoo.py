@@ -94,18 +94,23 @@ class TestHarness:
         case = zoo.Case("net", "bnn", model, torch.randn(4, 8), torch.tensor([0, 1, 0, 1]))
         prepared = case.prepare()
         prepared.graph.lint()
-        assert case.leaf_modules in (["block"], [_ShapeBranch])
+        assert (case.leaf_modules, case.leaf_functions) in (
+            (["block"], []), ([_ShapeBranch], []), ([], [F.pad]))
         zoo.STEPS["eval_equal"](case)
         assert "TracingError advice applied" in zoo.STEPS["prepare"](case)[1]
 
     @pytest.mark.parametrize("message, expected", [
-        ("... prepare(..., leaf_modules=['features.3']) keeps ...", ["features.3"]),
+        ("... prepare(..., leaf_modules=['features.3']) keeps ...",
+         {"leaf_modules": ["features.3"]}),
         ("Fix: prepare(..., leaf_modules=[torch.nn.Identity, torch.nn.ReLU]) keeps ... or list "
-         "a module path or class in leaf_modules=[...]", [nn.Identity, nn.ReLU]),
-        ("or list a module path or class in leaf_modules=[...] (it then stays in float)", []),
+         "a module path or class in leaf_modules=[...]", {"leaf_modules": [nn.Identity, nn.ReLU]}),
+        ("Fix: prepare(..., leaf_functions=[torch.nn.functional.pad], leaf_modules=[torch.nn."
+         "ReLU]). ... list a function in leaf_functions=[...]",
+         {"leaf_functions": [F.pad], "leaf_modules": [nn.ReLU]}),
+        ("or list a module path or class in leaf_modules=[...] (it then stays in float)", {}),
     ])
-    def test_advised_leaf_modules_reads_paths_and_classes(self, message, expected):
-        assert zoo.advised_leaf_modules(message) == expected
+    def test_advised_leaves_reads_paths_classes_and_functions(self, message, expected):
+        assert zoo.advised_leaves(message) == expected
 
     def test_assert_close_reports_the_relative_difference(self):
         want = torch.tensor([1.0, -4.0])
