@@ -96,13 +96,15 @@ def fold_weight_quantizers(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     state_dict key stays and the layer reads a constant. Other reads of the weight in the forward
     that only look at its dtype, device or shape (``x.to(self.proj.weight.dtype)``) read that
     constant, which has the latent's dtype, device and shape. If the parameter also feeds
-    something that reads its values (tied weights), or two quantizers of it disagree, the
-    quantized value gets its own buffer ``<name>_quantized[_i]`` and the parameter stays for
+    something that reads its values (tied weights: ``x @ w.t()``, or its module's own call, as
+    an ``nn.Embedding`` whose weight is the output layer's), or two quantizers of it disagree,
+    the quantized value gets its own buffer ``<name>_quantized[_i]`` and the parameter stays for
     those reads, as in the prepared model.
     """
     sources = {str(n.args[0].target) for n in gm.graph.nodes if _is_weight_quantizer(n)
                and n.args and isinstance(n.args[0], torch.fx.Node) and n.args[0].op == "get_attr"}
     _merge_reads(gm, sources)
+    called = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
     latents: dict[str, torch.Tensor] = {}
     for node in list(gm.graph.nodes):
         record = get_record(node)
@@ -119,7 +121,10 @@ def fold_weight_quantizers(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
                                                                 latent.device)
         others_see_metadata = all(u is node or _is_weight_quantizer(u) or
                                   (same_meta and reads_only_metadata(u)) for u in source.users)
-        if others_see_metadata and isinstance(owner._parameters.get(attr), nn.Parameter):
+        parts = target.split(".")[:-1]  # the owner, or a module around it, calls it
+        owner_called = any(".".join(parts[:i]) in called for i in range(len(parts) + 1))
+        if (others_see_metadata and not owner_called
+                and isinstance(owner._parameters.get(attr), nn.Parameter)):
             delattr(owner, attr)
             owner.register_buffer(attr, value)
         elif not (attr in owner._buffers and torch.equal(owner._buffers[attr], value)):

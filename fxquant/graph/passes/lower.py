@@ -106,6 +106,9 @@ def lower_activation_quantizers(gm: torch.fx.GraphModule) -> torch.fx.GraphModul
 def pack_weights(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """Folded weights of 1 to 8 bits become a :class:`fxquant.ops.PackedWeight` submodule
     ``<owner>.<name>_packed`` (codes + value table) whose call in the graph yields the exact weight.
+
+    Every read of the folded weight, the layer's and any dtype/device/shape read elsewhere in the
+    forward, then reads that one call (placed at the first read), so no read is left dangling.
     """
     reads: dict[str, list[torch.fx.Node]] = {}
     for node in gm.graph.nodes:
