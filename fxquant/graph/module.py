@@ -135,17 +135,18 @@ def set_mode_graphs(gm: QuantGraphModule, graphs: dict[bool, torch.fx.Graph]) ->
 
 
 def graft_module_tree(gm: nn.Module, root: nn.Module) -> None:
-    """Give ``gm`` every submodule, parameter and buffer of ``root`` it lacks, at the same path.
+    """Make ``root``'s submodules ``gm``'s, with ``root``'s parameters and buffers.
 
-    ``torch.fx.GraphModule`` copies only what the graph references, into fresh containers, and
-    registers every tensor as a persistent buffer. After this, ``gm.state_dict()`` has exactly
-    ``root``'s keys: buffers keep their persistence, tensors that ``root`` does not hold as
-    persistent buffers (``_tensor_constant*`` of the trace) are not saved, and containers keep
-    ``root``'s train/eval flags.
+    ``torch.fx.GraphModule`` copies only what the graph references, into bare ``nn.Module``
+    containers, and registers every tensor as a persistent buffer. After this, ``gm`` holds
+    ``root``'s own submodules (their classes, unused branches, ``_load_from_state_dict`` and
+    train/eval flags included), so ``gm.state_dict()`` has exactly ``root``'s keys: buffers
+    keep their persistence, and tensors ``root`` does not hold as persistent buffers
+    (``_tensor_constant*`` of the trace) are not saved.
     """
-    if gm is root:
-        return
     gm.training = root.training
+    for name, child in root._modules.items():
+        gm._modules[name] = child
     for name, param in root._parameters.items():
         if name not in gm._parameters and name not in gm.__dict__:
             gm.register_parameter(name, param)
@@ -154,12 +155,6 @@ def graft_module_tree(gm: nn.Module, root: nn.Module) -> None:
             gm.register_buffer(name, buffer)
     persistent = set(root._buffers) - root._non_persistent_buffers_set
     gm._non_persistent_buffers_set = set(gm._buffers) - persistent
-    for name, child in root._modules.items():
-        mine = gm._modules.get(name)
-        if name not in gm._modules:
-            gm.add_module(name, child)
-        elif mine is not None and child is not None:
-            graft_module_tree(mine, child)
 
 
 def merge_modes(gms: dict[bool, torch.fx.GraphModule], mode: bool) -> torch.fx.GraphModule:

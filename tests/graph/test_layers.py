@@ -306,9 +306,9 @@ class TestFloatLayerReport:
     def test_weights_passed_to_a_wrapped_function_are_named_with_the_function(self):
         message = _float_report(SwinLike(), fxquant.Recipe(weight="ste_sign"))
         assert message.startswith("2 weighted layer(s)")
-        assert ("  proj (class unknown to the graph; recipe: weight): its parameters are "
+        assert ("  proj (Linear; recipe: weight): its parameters are "
                 "passed to opaque_attention, which fxquant cannot see into") in message
-        assert "  qkv (class unknown to the graph; recipe: weight)" in message
+        assert "  qkv (Linear; recipe: weight)" in message
         assert "embed" not in message and "head" not in message
 
     def test_layers_inside_a_user_leaf_module_are_reported(self):

@@ -280,3 +280,11 @@ def test_example_inputs_record_shapes_in_both_mode_graphs():
         nodes = [n for n in prepared.train(mode).graph.nodes if n.op == "call_function"]
         assert nodes and all("tensor_meta" in n.meta for n in nodes)
     assert int(prepared.calls) == 0  # the shape run left the buffers as they were
+
+
+def test_prepared_keeps_the_models_own_submodules_and_their_classes():
+    model = Net(DropoutFlag())
+    prepared = _prepare(model)
+    assert [(n, type(m)) for n, m in prepared.named_children() if not n.endswith("quantizer")] \
+        == [(n, type(m)) for n, m in model.named_children()]
+    assert prepared.get_submodule("drop") is not model.drop  # a copy: the model is untouched
