@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -42,6 +43,23 @@ def _paused_gc() -> Iterator[None]:
             gc.enable()
 
 
+@contextlib.contextmanager
+def _once_per_message(active: bool) -> Iterator[None]:
+    """Warnings raised inside are issued once per distinct message (when ``active``)."""
+    if not active:
+        yield
+        return
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    seen: set[tuple[type[Warning], str]] = set()
+    for w in caught:
+        key = (w.category, str(w.message))
+        if key not in seen:
+            seen.add(key)
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     wrappers = (nn.DataParallel, nn.parallel.DistributedDataParallel)
     while isinstance(model, wrappers):
@@ -76,8 +94,9 @@ def prepare(model: nn.Module, recipe: Recipe, *, example_inputs: Sequence[Any] |
         model = clone_module(_unwrap(model))
         traced = trace_modes(model, concrete_args, leaf_modules, DeferredGraphModule,
                              leaf_functions)
-        gm = merge_modes({mode: run(t, PREPARE, recipe) for mode, t in traced.items()},
-                         model.training)
+        with _once_per_message(len(traced) > 1):  # both modes' passes warn alike
+            gm = merge_modes({mode: run(t, PREPARE, recipe) for mode, t in traced.items()},
+                             model.training)
     training.install_clip_warning(gm)
     preserve(gm, io.CONFIG_ATTR,
              io.options_to_plain(recipe, concrete_args, leaf_modules, leaf_functions))

@@ -288,3 +288,13 @@ def test_prepared_keeps_the_models_own_submodules_and_their_classes():
     assert [(n, type(m)) for n, m in prepared.named_children() if not n.endswith("quantizer")] \
         == [(n, type(m)) for n, m in model.named_children()]
     assert prepared.get_submodule("drop") is not model.drop  # a copy: the model is untouched
+
+
+def test_a_two_mode_model_warns_once_per_message():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = AuxHead()
+        model.body = nn.Sequential(nn.Linear(8, 8))  # a leaf container: its layer stays float
+        fxquant.prepare(model, fxquant.Recipe(weight="ste_sign"), leaf_modules=["body"])
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1 and "body" in messages[0]
