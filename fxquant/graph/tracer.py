@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import os
 import re
 import traceback
@@ -71,7 +72,7 @@ class QuantTracer(torch.fx.Tracer):
         in :attr:`mode_branches` (:func:`trace_modes` then traces the other mode too).
         """
         self.mode_branches = []
-        with _reading_training(self):
+        with _reading_training(self), _slow_path_transformers():
             graph = super().trace(root, concrete_args)
         for node in reversed(graph.nodes):  # reads only used by Python control flow
             if _TRAINING_READ in node.meta and not node.users:
@@ -100,8 +101,8 @@ class QuantTracer(torch.fx.Tracer):
             return True
         if self.leaf_types and isinstance(m, self.leaf_types):
             return True
-        if attention.traces_as_function(m):
-            return False  # traced as multi_head_attention, whose projections are visible
+        if attention.traces_as_function(m) or _traced_transformer(m):
+            return False  # traced (attention as multi_head_attention): projections visible
         return super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m: nn.Module, forward: Any, args: tuple[Any, ...],
@@ -109,6 +110,12 @@ class QuantTracer(torch.fx.Tracer):
         self._paths.append(self.path_of_module(m))
         if attention.traces_as_function(m):  # traced instead of forward unless made a leaf
             forward = functools.partial(attention.multi_head_attention, m)
+        elif _traced_transformer(m):
+            if _masked(m, args, kwargs):  # masks are checked by value: a leaf (reported float)
+                path = self._paths.pop()
+                return self.create_proxy("call_module", path, args, kwargs)
+            if isinstance(m, (nn.TransformerEncoder, nn.TransformerDecoder)):
+                forward = functools.partial(_layer_stack, m)
         try:
             return super().call_module(m, forward, args, kwargs)
         except Exception:
@@ -117,6 +124,43 @@ class QuantTracer(torch.fx.Tracer):
             raise
         finally:
             self._paths.pop()
+
+
+# torch.nn transformer layers are FX leaves by default; fxquant traces through them so their
+# attention and feed-forward Linears are quantized. Their forward branches on tensor properties
+# only to choose the fused inference kernel, which is switched off while tracing: the graph
+# always computes the composite (training) path. Masks are checked and converted by value, so a
+# call with masks (or is_causal) stays a leaf, which prepare reports as left in float.
+_TRANSFORMERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.TransformerEncoder,
+                 nn.TransformerDecoder)
+
+
+def _traced_transformer(m: nn.Module) -> bool:
+    return any(isinstance(m, cls) and type(m).forward is cls.forward for cls in _TRANSFORMERS)
+
+
+def _masked(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    bound = inspect.signature(type(m).forward).bind(m, *args, **kwargs).arguments
+    return any(value is not None and value is not False for name, value in bound.items()
+               if "mask" in name or "is_causal" in name)
+
+
+def _layer_stack(stack: nn.TransformerEncoder | nn.TransformerDecoder, x: Any,
+                 memory: Any = None, *args: Any, **kwargs: Any) -> Any:
+    """``TransformerEncoder``/``TransformerDecoder`` without masks, as torch computes it."""
+    for layer in stack.layers:
+        x = layer(x) if memory is None else layer(x, memory)
+    return x if stack.norm is None else stack.norm(x)
+
+
+@contextlib.contextmanager
+def _slow_path_transformers() -> Iterator[None]:
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
 
 
 def _user_frame(err: BaseException) -> traceback.FrameSummary | None:
