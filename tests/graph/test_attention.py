@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import math
 import pickle
-import traceback
 
 import pytest
 import torch
@@ -17,7 +16,7 @@ from torch import nn
 import fxquant
 from fxquant.graph.attention import traces_as_function
 from fxquant.graph.meta import get_record
-from fxquant.graph.tracer import QuantTracer, trace
+from fxquant.graph.tracer import trace
 from fxquant.quantizers import ste_sign
 from fxquant.training import set_quantizers_enabled
 from tests.helpers import exact
@@ -386,58 +385,32 @@ class TestQuantized:
 
 
 class TestTransformerEncoderLayer:
-    """nn.TransformerEncoderLayer is a torch.nn module, so a leaf: it stays one opaque float call
-    and its attention is not quantized. Traced through, its forward fails at the fast-path check
-    ``elif src.dim() != 3`` (a Proxy in Python control flow)."""
+    """QuantTracer traces through nn.TransformerEncoderLayer (a torch.nn leaf for plain FX) with
+    torch's fast-path choice off, so its attention becomes multi_head_attention; see also
+    tests/graph/test_transformer.py."""
 
     @pytest.mark.parametrize("norm_first", [False, True])
     @pytest.mark.parametrize("batch_first", [False, True])
-    def test_is_a_float_leaf(self, norm_first, batch_first):
-        layer = nn.TransformerEncoderLayer(E, H, 16, dropout=0.0, norm_first=norm_first,
+    def test_is_traced_through_and_equals_the_float_layer(self, norm_first, batch_first):
+        layer = nn.TransformerEncoderLayer(E, H, 16, dropout=0.2, norm_first=norm_first,
                                            batch_first=batch_first)
         model = nn.Sequential(nn.Linear(E, E), layer, nn.Linear(E, E))
-        gm = trace(model)
-        gm.graph.lint()
-        assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["0", "1", "2"]
-        x = torch.randn(N, L, E) if batch_first else torch.randn(L, N, E)
-        exact(gm(x), model(x))
-
-    @staticmethod
-    def _through(norm_first=False):
-        """A tracer entering TransformerEncoderLayer, and a model using one."""
-
-        class Through(QuantTracer):
-            def is_leaf_module(self, m, name):
-                return (not isinstance(m, nn.TransformerEncoderLayer)
-                        and super().is_leaf_module(m, name))
-
-        layer = nn.TransformerEncoderLayer(E, H, 16, dropout=0.2, batch_first=True,
-                                           norm_first=norm_first)
-        model = nn.Sequential(nn.Linear(E, E), layer, nn.Linear(E, E))
         _random_params(model)
-        return Through(), model
-
-    def test_traced_through_it_fails_at_the_fast_path_check(self):
-        tracer, model = self._through()
-        with pytest.raises(torch.fx.proxy.TraceError, match="control flow") as info:
-            tracer.trace(model)
-        lines = [f.line or "" for f in traceback.extract_tb(info.value.__traceback__)]
-        assert any("src.dim() != 3" in line for line in lines)
-
-    @pytest.mark.parametrize("norm_first", [False, True])
-    def test_with_the_fast_path_off_it_traces_and_equals_the_float_layer(self, norm_first):
-        """The check is skipped when torch.backends.mha.get_fastpath_enabled() is False (not
-        done by fxquant: reported as an option)."""
-        tracer, model = self._through(norm_first)
-        with _fast_path(False):
-            gm = torch.fx.GraphModule(model, tracer.trace(model))
+        gm = trace(model)
         gm.graph.lint()
         assert any(n.op == "get_attr" and n.target == "1.self_attn.in_proj_weight"
                    for n in gm.graph.nodes)
-        x = torch.randn(N, L, E)
+        x = torch.randn(N, L, E) if batch_first else torch.randn(L, N, E)
         exact(_run(gm, x, seed=5), _run(model, x, seed=5))
         gm.eval(), model.eval()
         exact(gm(x), model(x))
+
+    @pytest.mark.parametrize("enabled", [False, True])
+    def test_tracing_leaves_the_fast_path_setting_as_it_was(self, enabled):
+        model = nn.Sequential(nn.TransformerEncoderLayer(E, H, 16))
+        with _fast_path(enabled):
+            trace(model)
+            assert torch.backends.mha.get_fastpath_enabled() is enabled
 
 
 @contextlib.contextmanager
