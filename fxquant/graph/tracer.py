@@ -136,7 +136,8 @@ _TRANSFORMERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.Tran
 
 
 def _traced_transformer(m: nn.Module) -> bool:
-    return any(isinstance(m, cls) and type(m).forward is cls.forward for cls in _TRANSFORMERS)
+    return isinstance(m, _TRANSFORMERS) and any(
+        isinstance(m, cls) and type(m).forward is cls.forward for cls in _TRANSFORMERS)
 
 
 def _masked(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
