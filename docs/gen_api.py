@@ -136,7 +136,8 @@ def _methods(cls: type) -> list[tuple[str, object, str]]:
     found = []
     for name, raw in vars(cls).items():
         function = getattr(raw, "fget", None) or getattr(raw, "__func__", raw)
-        if name.startswith("_") or name in SKIPPED_METHODS or not getattr(function, "__doc__", None):
+        if (name.startswith("_") or name in SKIPPED_METHODS
+                or not getattr(function, "__doc__", None)):
             continue
         if isinstance(raw, property):
             found.append((name, raw, "property"))
