@@ -16,8 +16,11 @@ from fxquant.graph.patterns import is_plain_batch_norm
 
 __all__ = ["fold_weight_quantizers", "fold_batch_norm", "FoldedLayer", "reads_only_metadata"]
 
-# layers whose weight has its output channels first (ConvTranspose has them second)
-_OUT_CHANNELS_FIRST = ("linear", "conv1d", "conv2d", "conv3d")
+# batch-norm input checks that leave only a batched conv2d/conv3d output (channels in dim 1, as
+# in the weight's dim 0). BatchNorm1d takes (N, C) and (N, C, L), so after a Linear on (N, L, C)
+# or an unbatched Conv1d it normalises L; SyncBatchNorm takes any rank >= 2.
+_CHANNELS_ARE_OUTPUTS = {nn.BatchNorm2d._check_input_dim: "conv2d",
+                         nn.BatchNorm3d._check_input_dim: "conv3d"}
 
 # what a read of a weight may look at and still see the same thing in a folded constant
 _METADATA_ATTRS = frozenset({"dtype", "device", "shape", "ndim", "layout", "is_cuda", "is_cpu",
@@ -170,24 +173,29 @@ def fold_batch_norm(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     eval mode with running statistics, after a layer whose output feeds nothing else; any other
     batch norm stays a module call.
 
-    * A float ``Linear``/``Conv1d/2d/3d`` module called once, whose weight and bias are plain
-      parameters the forward reads nowhere else (or only their dtype/shape), absorbs it:
-      ``W' = W·s`` and ``b' = (b − μ)·s + β`` with ``s = γ/sqrt(σ² + ε)``, computed in float64
-      and rounded once. ``W'·x + b'`` is within ``(K + 2)·u·(|s|·Σ|W||x| + |b'|)`` of the exact
-      ``(W·x + b − μ)·s + β`` (``u = 2**-24`` in float32, ``K`` the layer's fan-in + 1; measured
-      on random layers with near-zero variances and means up to 1e3: at most ``8·u·(...)``).
-      Eval-mode batch norm after the layer rounds differently and less well: ``W·x + b`` rounds
-      before ``s`` multiplies it, and ATen's ``β − μ·s`` loses ``u·|μ·s|`` (in the same units,
-      measured up to ``6000·u·(...)`` where ``|s|`` is large, i.e. a variance near 0). The
-      folded layer then differs from ``prepared.eval()`` by up to that error of eval batch norm,
-      and a sign quantizer after it may flip where a value is that close to 0.
-    * Any other layer (quantized weights, kept exactly as they are, a functional call, a
-      ConvTranspose) is followed by ``F.batch_norm(y, μ, σ², γ, β, training=False, eps=ε)``
-      reading the batch norm's own tensors, which stay under their state_dict keys in a
-      :class:`FoldedLayer`: the very op ``prepared.eval()`` runs, so the result is the same bit
-      for bit (its per-channel ``γ/sqrt(σ² + ε)`` and ``β − μ·γ/sqrt(σ² + ε)`` are the
-      multiplier and bias a binary inference engine applies; ATen computes ``y·α + β'``, fused
-      or not depending on the CPU, so no mul/add graph could match it everywhere).
+    * A float ``Conv2d``/``Conv3d`` module called once and followed by ``BatchNorm2d``/``3d``
+      (whose input check guarantees that it normalises the conv's output channels), with a
+      weight and bias that are plain parameters the forward reads nowhere else (or only their
+      dtype/shape), absorbs it: ``W' = W·s`` and ``b' = (b − μ)·s + β`` with
+      ``s = γ/sqrt(σ² + ε)``, computed in float64 and rounded once. ``W'·x + b'`` is within
+      ``(K + 2)·u·(|s|·Σ|W||x| + |b'|)`` of the exact ``(W·x + b − μ)·s + β`` (``u = 2**-24``
+      in float32, ``K`` the layer's fan-in + 1; measured on 240 random convs of fan-in 16 to
+      800 with near-zero variances and means up to 1e3: at most ``8.3·u·(...)``). Eval-mode
+      batch norm after the layer rounds differently and less well: ``W·x + b`` rounds before
+      ``s`` multiplies it, and ATen's ``β − μ·s`` loses ``u·|μ·s|`` (in the same units,
+      measured up to ``10000·u·(...)`` where ``|s|`` is large, i.e. a variance near 0). The
+      folded layer then differs from ``prepared.eval()`` by up to that error of eval batch
+      norm, and a sign quantizer after it may flip where a value is that close to 0.
+    * After any other layer (quantized weights, kept exactly as they are; a Linear or Conv1d
+      with ``BatchNorm1d``, which normalises dim 1 whatever it holds, e.g. the positions of a
+      Linear on ``(N, L, C)``; ``SyncBatchNorm``, which takes any rank; a functional call; a
+      ConvTranspose), batch norm becomes ``F.batch_norm(y, μ, σ², γ, β, training=False,
+      eps=ε)`` on the batch norm's own tensors, which stay under their state_dict keys in a
+      :class:`FoldedLayer`. That is the very op ``prepared.eval()`` runs, so the result is the
+      same bit for bit. (Its per-channel ``α = γ/sqrt(σ² + ε)`` and ``β − μ·α`` are the
+      multiplier and bias a binary inference engine applies; ATen computes ``y·α + (β − μ·α)``
+      with or without fused multiply-adds depending on the CPU, so no mul/add graph could
+      match it everywhere.)
     """
     calls = Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_module")
     reads: dict[str, list[torch.fx.Node]] = {}
@@ -221,9 +229,10 @@ def _fold_into_float_layer(gm: torch.fx.GraphModule, layer: torch.fx.Node, bn: n
     """Scale a float layer's own weight and bias; False where that would change what something
     else computes: its weight is quantized, its module is called elsewhere too, the forward
     reads the values of its weight or bias elsewhere, or they are computed (weight_norm,
-    parametrizations)."""
+    parametrizations); or where the batch norm's input check lets it normalise another dim than
+    the layer's output channels."""
     if (layer.op != "call_module" or calls[str(layer.target)] != 1
-            or get_record(layer).op not in _OUT_CHANNELS_FIRST):
+            or _CHANNELS_ARE_OUTPUTS.get(type(bn)._check_input_dim) != get_record(layer).op):
         return False
     path = str(layer.target)
     module = gm.get_submodule(path)
