@@ -17,6 +17,7 @@ import fxquant
 from fxquant import training
 from fxquant.graph.tracer import trace
 from fxquant.quantizers import (
+    MagnitudeAwareSign,
     ProgressiveSign,
     SteSign,
     get_progressive_sign_scale,
@@ -571,28 +572,70 @@ class TestLatentWeightClip:
 
 
 class TestClipWarning:
-    def _train(self, gm: nn.Module, opt: torch.optim.Optimizer, steps: int, after=None) -> list:
+    MESSAGE = "left their quantizer's straight-through gradient window unclipped"
+
+    def _train(self, gm: nn.Module, opt: torch.optim.Optimizer, steps: int, after=None,
+               forwards: int = 1) -> list:
         with _catch() as caught:
             warnings.simplefilter("always")
             for _ in range(steps):
                 opt.zero_grad()
-                gm(torch.randn(4, 64)).square().sum().backward()
+                for _ in range(forwards):
+                    gm(torch.randn(4, 64)).square().sum().backward()  # the line warned about
                 opt.step()
                 if after is not None:
                     after()
-        return [w for w in caught if "never clipped" in str(w.message)]
+        return [w for w in caught if self.MESSAGE in str(w.message)]
 
-    def _model(self) -> torch.fx.GraphModule:
-        gm = fxquant.prepare(MLP(), fxquant.Recipe(weight="ste_sign"))  # three binary layers
-        assert training.install_clip_warning(gm) == 3
+    def _model(self, recipe: fxquant.Recipe | None = None) -> torch.fx.GraphModule:
+        torch.manual_seed(0)
+        gm = fxquant.prepare(MLP(), recipe or fxquant.Recipe(weight="ste_sign"))
         return gm
 
-    def test_fires_once_per_model_without_clipping(self):
+    @staticmethod
+    def _peak(gm: nn.Module, name: str = "fc1.weight") -> float:
+        return float(gm.get_parameter(name).detach().abs().max())
+
+    def test_fires_once_naming_the_layer_and_pointing_at_the_callers_line(self):
         gm = self._model()
-        caught = self._train(gm, torch.optim.SGD(gm.parameters(), lr=0.1), steps=4)
+        assert training.install_clip_warning(gm) == 3  # prepare installed it: no second hook
+        caught = self._train(gm, torch.optim.SGD(gm.parameters(), lr=10.0), steps=4)
+        assert self._peak(gm) > 1.0  # the oracle: fc1's latents did leave [-1, 1]
         assert len(caught) == 1
-        assert "'fc1_weight_quantizer'" in str(caught[0].message)
+        assert "'fc1' (max |w| = " in str(caught[0].message)
+        assert caught[0].filename == __file__
+        assert "the line warned about" in open(__file__).read().splitlines()[caught[0].lineno - 1]
         assert all(not q._forward_pre_hooks for q in gm.modules() if isinstance(q, SteSign))
+
+    def test_silent_while_updated_latents_stay_inside_the_window(self):
+        gm = self._model()
+        opt = torch.optim.SGD(gm.parameters(), lr=1e-7)
+        assert self._train(gm, opt, steps=3) == []
+        assert max(self._peak(gm, f"fc{i}.weight") for i in (1, 2, 3)) < 1.0
+
+    @pytest.mark.parametrize("clip", [
+        lambda p: p.clamp_(-1, 1),  # under torch.no_grad(), below
+        lambda p: p.data.clamp_(-1, 1),  # does not bump p's version counter
+    ], ids=["p.clamp_", "p.data.clamp_"])
+    def test_silent_when_clipping_by_hand_after_each_step(self, clip):
+        gm = self._model()
+        opt = torch.optim.SGD(gm.parameters(), lr=10.0)
+        left = []
+
+        def clip_all() -> None:
+            left.append(self._peak(gm))
+            with torch.no_grad():
+                for p in gm.parameters():
+                    clip(p)
+
+        assert self._train(gm, opt, steps=3, after=clip_all) == []
+        assert max(left) > 1.0  # unclipped, these latents would have warned
+        assert any(q._forward_pre_hooks for q in gm.modules() if isinstance(q, SteSign))
+
+    def test_silent_when_clipping_with_clip_latent_weights(self):
+        gm = self._model()
+        opt = torch.optim.SGD(gm.parameters(), lr=10.0)
+        assert self._train(gm, opt, steps=3, after=lambda: training.clip_latent_weights(gm)) == []
 
     def test_silent_with_latent_weight_clip(self):
         gm = self._model()
@@ -601,13 +644,37 @@ class TestClipWarning:
         assert self._train(gm, opt, steps=3) == []
         assert all(not q._forward_pre_hooks for q in gm.modules() if isinstance(q, SteSign))
 
-    def test_silent_when_clipping_by_hand_after_each_step(self):
+    @pytest.mark.parametrize("weight", [
+        ProgressiveSign(use_global_scaling=False), SteSign(clip_value=None),
+        MagnitudeAwareSign(clip_value=None), "swish_sign",
+    ], ids=["ProgressiveSign", "ste_sign-None", "magnitude_aware_sign-None", "swish_sign"])
+    def test_never_for_quantizers_whose_gradient_has_no_window(self, weight):
+        gm = self._model(fxquant.Recipe(weight=weight))
+        assert training.install_clip_warning(gm) == 0
+        assert self._train(gm, torch.optim.SGD(gm.parameters(), lr=10.0), steps=3) == []
+        assert self._peak(gm) > 1.0
+
+    def test_the_window_is_the_quantizers_own(self):
+        gm = self._model(fxquant.Recipe(weight=SteSign(clip_value=1e3)))
+        assert self._train(gm, torch.optim.SGD(gm.parameters(), lr=1e-3), steps=3) == []
+        assert 1.0 < self._peak(gm) < 1e3
+        gm = self._model(fxquant.Recipe(weight="approx_sign"))  # window [-1, 1]
+        assert len(self._train(gm, torch.optim.SGD(gm.parameters(), lr=10.0), steps=3)) == 1
+
+    def test_checks_values_once_per_step_at_most_and_ever_more_rarely(self, monkeypatch):
+        checked_at = []
+        check = training._ClipWatch.check
+        monkeypatch.setattr(training._ClipWatch, "check",
+                            lambda self: (checked_at.append(self.steps), check(self))[1])
         gm = self._model()
-        opt = torch.optim.SGD(gm.parameters(), lr=0.1)
-        assert self._train(gm, opt, steps=3, after=lambda: training.clip_latent_weights(gm)) == []
+        opt = torch.optim.SGD(gm.parameters(), lr=1e-7)
+        assert self._train(gm, opt, steps=9, forwards=3) == []
+        assert checked_at == [1, 2, 4, 8]  # at the first forward after those steps
 
     def test_silent_before_the_first_step_and_with_gradient_accumulation(self):
         gm = self._model()
+        with torch.no_grad():
+            gm.get_parameter("fc1.weight").mul_(10.0)  # outside the window, but never stepped
         with _catch() as caught:
             warnings.simplefilter("always")
             for _ in range(3):
@@ -617,9 +684,10 @@ class TestClipWarning:
     @pytest.mark.parametrize("mode", ["eval", "no_grad"])
     def test_silent_outside_training(self, mode):
         gm = self._model()
-        opt = torch.optim.SGD(gm.parameters(), lr=0.1)
-        gm(torch.randn(4, 64)).sum().backward()
+        opt = torch.optim.SGD(gm.parameters(), lr=10.0)
+        gm(torch.randn(4, 64)).square().sum().backward()
         opt.step()
+        assert self._peak(gm) > 1.0
         gm.eval() if mode == "eval" else None
         with _catch() as caught, torch.set_grad_enabled(mode != "no_grad"):
             warnings.simplefilter("always")
@@ -628,9 +696,9 @@ class TestClipWarning:
 
     def test_clipping_only_ternary_still_warns_for_binary(self):
         recipe = fxquant.Recipe(weight="ste_sign").for_name("fc2", weight="ste_tern")
-        gm = fxquant.prepare(MLP(), recipe)
+        gm = self._model(recipe)
         assert training.install_clip_warning(gm) == 2  # ternary fc2 is not watched
-        opt = torch.optim.SGD(gm.parameters(), lr=0.1)
+        opt = torch.optim.SGD(gm.parameters(), lr=10.0)
         clip = lambda: training.clip_latent_weights(gm, bits=(2,))  # noqa: E731
         assert len(self._train(gm, opt, steps=3, after=clip)) == 1
 
@@ -641,20 +709,19 @@ class TestClipWarning:
 
     def test_a_deep_copy_watches_afresh(self):
         gm = self._model()
-        opt = torch.optim.SGD(gm.parameters(), lr=0.1)
-        assert len(self._train(gm, opt, steps=2)) == 1
-        gm2 = self._model()
-        other = copy.deepcopy(gm2)
-        assert len(self._train(gm2, torch.optim.SGD(gm2.parameters(), lr=0.1), steps=2)) == 1
-        assert len(self._train(other, torch.optim.SGD(other.parameters(), lr=0.1), steps=2)) == 1
+        other = copy.deepcopy(gm)
+        assert len(self._train(gm, torch.optim.SGD(gm.parameters(), lr=10.0), steps=2)) == 1
+        assert len(self._train(other, torch.optim.SGD(other.parameters(), lr=10.0), steps=2)) == 1
 
     def test_a_pickled_model_keeps_the_check(self):
         gm = pickle.loads(pickle.dumps(self._model()))
-        assert len(self._train(gm, torch.optim.SGD(gm.parameters(), lr=0.1), steps=2)) == 1
+        assert len(self._train(gm, torch.optim.SGD(gm.parameters(), lr=10.0), steps=2)) == 1
 
     def test_prepare_installs_the_check(self):
-        gm = fxquant.prepare(MLP(), fxquant.Recipe.bnn())
-        assert len(self._train(gm, torch.optim.SGD(gm.parameters(), lr=0.1), steps=2)) == 1
+        torch.manual_seed(0)
+        gm = fxquant.prepare(MLP(), fxquant.Recipe.bnn().with_nonnegative_inputs("ignore"))
+        caught = self._train(gm, torch.optim.SGD(gm.parameters(), lr=10.0), steps=2)
+        assert len(caught) == 1 and "'fc2'" in str(caught[0].message)
 
 
 # ------------------------------------------------------------------------------------------------
