@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from fxquant.quantizers import get_progressive_sign_scale, set_progressive_sign_scale
+
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 RUNNABLE = {"python", "py", "pycon"}
@@ -81,15 +83,16 @@ def test_page_code_runs(page: Path, tmp_path, monkeypatch):
         pytest.skip("no Python blocks")
     monkeypatch.chdir(tmp_path)
     namespace: dict = {"__name__": f"docs_{page.stem}"}
-    threads = torch.get_num_threads()
+    threads, scale = torch.get_num_threads(), get_progressive_sign_scale()
     torch.set_num_threads(1)  # tiny models: extra threads only contend on a busy machine
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # the documented code must not trip fxquant's warnings
             for line, code in blocks:
                 run_block(code, namespace, f"{_page_id(page)}:{line}")
-    finally:
+    finally:  # a page is a fresh process to its reader: undo its process-wide settings
         torch.set_num_threads(threads)
+        set_progressive_sign_scale(scale)
 
 
 def test_api_md_is_generated_from_the_current_docstrings():
