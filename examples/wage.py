@@ -111,8 +111,8 @@ def main(argv: list[str] | None = None) -> float:
     x_train, y_train, x_test, y_test = load(args.data, args.seed)
     image_size = x_train.shape[-1]
     model = SmallVGG(image_size, widths=(32, 64), hidden=128 if args.data == "digits" else 256)
-    prepared = fxquant.prepare(
-        model, fxquant.Recipe.wage(2, 8, 8, 8, E_mode="stochastic"), example_inputs=(x_train[:2],))
+    recipe = fxquant.Recipe.wage(bits_W=2, bits_A=8, bits_G=8, bits_E=8, E_mode="stochastic")
+    prepared = fxquant.prepare(model, recipe, example_inputs=(x_train[:2],))
     scales = initialize(prepared, factor=1.0, generator=torch.Generator().manual_seed(args.seed))
     seed_rounding(prepared, args.seed)  # stochastic E rounding, one generator per quantizer
     opt = WAGEOptimizer(prepared, lr=8.0, bits_G=8, grad_mode="stochastic",

@@ -26,6 +26,8 @@ a first/last, regex or name rule says otherwise.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,7 +36,13 @@ from typing import Any
 from torch import nn
 
 from fxquant.graph.meta import SLOTS, QuantizerLike, QuantSpec, Slot
-from fxquant.quantizers.base import Quantizer, names
+from fxquant.quantizers.base import (
+    Quantizer,
+    check_factory,
+    name_of_function,
+    names,
+    unknown_name_error,
+)
 
 __all__ = ["Recipe", "Rule", "LayerInfo"]
 
@@ -84,28 +92,50 @@ class Rule:
         return layer.function is self.key
 
 
-def _check_slot_value(value: Any, where: str) -> None:
+_LARQ_SLOTS = {"kernel_quantizer": "weight", "input_quantizer": "input"}  # larq's layer args
+_LARQ_HINT = "larq's kernel_quantizer -> weight, input_quantizer -> input"
+
+
+def _slot_value(value: Any, where: str) -> Any:
+    """``value`` checked as a slot value; a quantizer function of :mod:`fxquant.quantizers`
+    (``ste_sign``, larq's habit) becomes its registry name."""
     if value is None or isinstance(value, Quantizer):
-        return
+        return value
     if isinstance(value, str):
         if value not in names():
-            raise ValueError(f"{where}: unknown quantizer {value!r}; known names: "
-                             f"{', '.join(names())}")
-        return
+            raise unknown_name_error(value, where)
+        return value
     if callable(value) and not isinstance(value, nn.Module):
-        return
+        name = name_of_function(value, where)
+        if name is not None:
+            return name
+        check_factory(value, where)
+        return value
     raise ValueError(f"{where}: expected a quantizer name, a Quantizer instance, a factory or "
                      "None, "
                      f"got {value!r}")
 
 
+def _unknown_slots_message(unknown: list[str], where: str, others: tuple[str, ...] = ()) -> str:
+    """Unknown keyword(s) ``unknown``: the slots, larq's equivalents, close names."""
+    known = [*SLOTS, *others]
+    hints = []
+    for key in unknown:
+        guess = _LARQ_SLOTS.get(key) or next(iter(difflib.get_close_matches(key, known, n=1)),
+                                             None)
+        if guess is not None:
+            hints.append(f"{guess}= for {key}=")
+    hint = f" (did you mean {', '.join(hints)}?)" if hints else ""
+    other = f"; other options: {', '.join(others)}" if others else ""
+    return (f"{where}: unknown slot(s) {', '.join(map(repr, unknown))}{hint}; the slots are "
+            f"{', '.join(SLOTS)} ({_LARQ_HINT}){other}")
+
+
 def _slots(where: str, **slots: Any) -> tuple[tuple[Slot, Any], ...]:
-    unknown = set(slots) - set(SLOTS)
+    unknown = sorted(set(slots) - set(SLOTS))
     if unknown:
-        raise ValueError(f"{where}: unknown slot(s) {sorted(unknown)}; slots are {list(SLOTS)}")
-    for slot, value in slots.items():
-        _check_slot_value(value, f"{where} slot {slot!r}")
-    return tuple((s, slots[s]) for s in SLOTS if s in slots)
+        raise ValueError(_unknown_slots_message(unknown, where))
+    return tuple((s, _slot_value(slots[s], f"{where} slot {s!r}")) for s in SLOTS if s in slots)
 
 
 @dataclass(frozen=True)
@@ -129,7 +159,8 @@ class Recipe:
 
     def __post_init__(self) -> None:
         for slot in SLOTS:
-            _check_slot_value(getattr(self, slot), f"Recipe slot {slot!r}")
+            value = _slot_value(getattr(self, slot), f"Recipe slot {slot!r}")
+            object.__setattr__(self, slot, value)  # frozen: a function becomes its name
         if self.nonnegative_inputs not in NONNEGATIVE_INPUT_MODES:
             raise ValueError(f"Recipe: nonnegative_inputs must be one of "
                              f"{', '.join(map(repr, NONNEGATIVE_INPUT_MODES))}, got "
@@ -254,9 +285,13 @@ class Recipe:
                    keep_first_last=True)
 
     @classmethod
-    def wage(cls, bits_W: int = 2, bits_A: int = 8, bits_G: int = 8, bits_E: int = 8, *,  # noqa: N803
-             A_mode: str = "nearest", E_mode: str = "nearest") -> Recipe:  # noqa: N803
+    def wage(cls, *, bits_W: int = 2, bits_A: int = 8, bits_G: int = 8,  # noqa: N803
+             bits_E: int = 8, A_mode: str = "nearest", E_mode: str = "nearest") -> Recipe:  # noqa: N803
         """WAGE (Wu et al. 2018, arXiv:1802.04680) placed as QPyTorch's VGG example does.
+
+        Every argument is keyword-only (``Recipe.wage(bits_W=2, bits_A=8, bits_G=8, bits_E=8)``):
+        the paper's order W-A-G-E and other write-ups differ, and a positional call could set
+        ``bits_G`` where ``bits_E`` was meant without any error.
 
         QW weights (``WAGEWeight(bits_W)``); ``WAGEQuantizer(bits_A, -1)`` on the network input;
         ``WAGEQuantizer(bits_A, bits_E)`` after every hidden layer's activation (QA forward; QE
@@ -273,3 +308,21 @@ class Recipe:
                     output=WAGEQuantizer(bits_A, bits_E, A_mode=A_mode, E_mode=E_mode))
                 .for_first(input=WAGEQuantizer(bits_A, -1, A_mode=A_mode))
                 .for_last(output=None, error=WAGEError(bits_E, mode=E_mode)))
+
+
+def _naming_unknown_arguments(init: Callable[..., None]) -> Callable[..., None]:
+    """Wrap the dataclass ``__init__``: an unknown keyword (larq's ``kernel_quantizer=``) is a
+    TypeError naming the slots and larq's equivalents, not Python's bare "unexpected keyword"."""
+
+    @functools.wraps(init)
+    def __init__(self: Recipe, *args: Any, **kwargs: Any) -> None:  # noqa: N807
+        unknown = sorted(set(kwargs) - {f.name for f in dataclasses.fields(Recipe)})
+        if unknown:
+            raise TypeError(_unknown_slots_message(
+                unknown, "Recipe()", others=("strict", "keep_first_last", "nonnegative_inputs")))
+        init(self, *args, **kwargs)
+
+    return __init__
+
+
+Recipe.__init__ = _naming_unknown_arguments(Recipe.__init__)  # type: ignore[method-assign]

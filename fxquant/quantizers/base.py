@@ -19,6 +19,7 @@ traces through and silently drops its custom backward, while a leaf module survi
 from __future__ import annotations
 
 import copy
+import difflib
 import functools
 import inspect
 from collections.abc import Callable
@@ -162,23 +163,108 @@ def names() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def _fold(name: str) -> str:
+    return name.lower().replace("_", "").replace("-", "").replace(" ", "")
+
+
+def _did_you_mean(identifier: str) -> list[str]:
+    """Registry names ``identifier`` probably meant: the same name or class name ignoring case
+    and underscores (``"SteSign"`` -> ``ste_sign``), else close matches (``"sign"``)."""
+    folded: dict[str, str] = {}
+    for name, cls in sorted(_REGISTRY.items()):
+        folded.setdefault(_fold(name), name)
+        folded.setdefault(_fold(cls.__name__), name)
+    key = _fold(identifier)
+    if key in folded:
+        return [folded[key]]
+    close = difflib.get_close_matches(key, list(folded), n=6, cutoff=0.6)
+    if not close and len(key) >= 3:  # a part of a name: "kbit" -> k_bit_quantize
+        close = [f for f in folded if key in f]
+    return list(dict.fromkeys(folded[c] for c in close))[:3]
+
+
+def unknown_name_error(identifier: str, where: str = "") -> ValueError:
+    """The ValueError for an unregistered quantizer name, with "did you mean" and the names."""
+    guesses = _did_you_mean(identifier)
+    hint = f"did you mean {' or '.join(map(repr, guesses))}? " if guesses else ""
+    return ValueError(f"{where}{': ' if where else ''}unknown quantizer {identifier!r}; {hint}"
+                      f"known names: {', '.join(names())}")
+
+
+def _required_arguments(cls: type) -> list[str]:
+    return [name for name, p in inspect.signature(cls.__init__).parameters.items()
+            if name != "self" and p.default is p.empty
+            and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
+def name_of_function(value: object, where: str = "") -> str | None:
+    """The registry name of a quantizer *function* of :mod:`fxquant.quantizers` (``ste_sign``
+    -> ``"ste_sign"``, as larq accepts ``kernel_quantizer=lq.quantizers.ste_sign``); None for
+    anything else. A function that needs arguments besides the tensor (``k_bit_quantize``
+    needs ``k``), or whose quantizer does, is a ValueError saying how to give them."""
+    name = getattr(value, "__name__", None)
+    cls = _REGISTRY.get(name) if isinstance(name, str) else None
+    if cls is None or not inspect.isfunction(value) or value.__module__ != cls.__module__:
+        return None
+    parameters = list(inspect.signature(value).parameters.values())[1:]  # after the tensor
+    required = _required_arguments(cls) or [p.name for p in parameters if p.default is p.empty
+                                            and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    if required:
+        arguments = ", ".join(f"{arg}=..." for arg in required)
+        raise ValueError(f"{where}{': ' if where else ''}{name} is the quantizer function "
+                         f"(tensor -> tensor) and its quantizer needs arguments: give the "
+                         f"quantizer {cls.__name__}({arguments}) or the name with them, "
+                         f"fxquant.quantizers.get({name!r}, {arguments})")
+    return name
+
+
+def check_factory(value: Callable[..., Any], where: str = "") -> None:
+    """Raise ValueError if ``value`` cannot be called without arguments (it is called so, once
+    per layer, to make a quantizer): a function of a tensor is not a quantizer factory."""
+    try:
+        signature = inspect.signature(value)
+    except (TypeError, ValueError):  # builtins without a signature: let the call tell
+        return
+    try:
+        signature.bind()
+    except TypeError:
+        label = getattr(value, "__qualname__", None) or repr(value)
+        raise ValueError(f"{where}{': ' if where else ''}{label}{signature} is not a quantizer "
+                         "factory (it is called with no arguments to make a quantizer per "
+                         "layer); give a registry name, a Quantizer instance or a class, or "
+                         "wrap a tensor function in a Quantizer subclass") from None
+
+
 def get(identifier: str | Quantizer | Callable[[], Quantizer], **kwargs: Any) -> Quantizer:
     """Return a fresh quantizer module.
 
     ``identifier`` may be a registry name (``kwargs`` go to the constructor), a :class:`Quantizer`
-    instance (a deep copy is returned, so one instance can serve many layers) or a factory that
-    returns a Quantizer. Unknown names raise ``ValueError`` listing the known ones.
+    instance (a deep copy is returned, so one instance can serve many layers), a factory that
+    returns a Quantizer (a Quantizer class is one), or a quantizer function of this package
+    (``ste_sign``: its registered quantizer, as larq accepts ``lq.quantizers.ste_sign``).
+    An unknown name is a ``ValueError`` suggesting close names (case and underscores ignored,
+    class names too: ``"SteSign"`` -> ``ste_sign``) and listing the known ones.
+
+    >>> from fxquant.quantizers import get, ste_sign
+    >>> get(ste_sign)
+    SteSign(bits=1, clip_value=1.0)
+    >>> get("SteSign")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ValueError: unknown quantizer 'SteSign'; did you mean 'ste_sign'? known names: ...
     """
+    if not isinstance(identifier, str) and (name := name_of_function(identifier)) is not None:
+        identifier = name
     if isinstance(identifier, str):
         cls = _REGISTRY.get(identifier)
         if cls is None:
-            raise ValueError(f"unknown quantizer {identifier!r}; known names: {', '.join(names())}")
+            raise unknown_name_error(identifier)
         return cls(**kwargs)
     if kwargs:
         raise ValueError("keyword arguments are only accepted together with a quantizer name")
     if isinstance(identifier, Quantizer):
         return copy.deepcopy(identifier)
     if callable(identifier) and not isinstance(identifier, nn.Module):
+        check_factory(identifier, "get")
         made = identifier()
         if not isinstance(made, Quantizer):
             raise ValueError(f"quantizer factory {identifier!r} returned {type(made).__name__}, "

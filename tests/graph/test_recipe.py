@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
@@ -197,3 +198,111 @@ def test_factory_is_called_for_every_layer():
 
     fxquant.prepare(MLP(), Recipe(weight=factory))
     assert len(calls) == 3 + 1  # one per layer, one to record the recipe for fxquant.save
+
+
+class TestErrorsThatTeach:
+    """Mistakes larq and bitorch users make, each answered with the fix."""
+
+    @pytest.mark.parametrize("kwargs, hint", [
+        ({"kernel_quantizer": "ste_sign"}, "weight= for kernel_quantizer="),
+        ({"input_quantizer": "ste_sign"}, "input= for input_quantizer="),
+        ({"weights": "ste_sign"}, "weight= for weights="),
+    ])
+    def test_unknown_keyword_is_a_type_error_naming_the_slots_and_larqs_names(self, kwargs, hint):
+        with pytest.raises(TypeError) as caught:
+            Recipe(**kwargs)
+        message = str(caught.value)
+        assert hint in message
+        assert "the slots are weight, input, output, error" in message
+        assert "kernel_quantizer -> weight, input_quantizer -> input" in message
+
+    def test_unknown_slot_of_a_rule_names_larqs_equivalent(self):
+        with pytest.raises(ValueError, match="weight= for kernel_quantizer="):
+            Recipe().for_name("fc1", kernel_quantizer="ste_sign")
+
+    def test_known_keywords_still_work(self):
+        recipe = Recipe(weight="ste_sign", strict=True, keep_first_last=True,
+                        nonnegative_inputs="ignore")
+        assert (recipe.weight, recipe.strict, recipe.keep_first_last) == ("ste_sign", True, True)
+
+    @pytest.mark.parametrize("function, name", [
+        (fxquant.quantizers.ste_sign, "ste_sign"),
+        (fxquant.quantizers.approx_sign, "approx_sign"),
+        (fxquant.quantizers.magnitude_aware_sign, "magnitude_aware_sign"),
+        (fxquant.quantizers.ste_tern, "ste_tern"),
+        (fxquant.quantizers.dorefa, "dorefa"),
+    ])
+    def test_a_quantizer_function_means_its_registered_quantizer(self, function, name):
+        recipe = Recipe(weight=function).for_name("fc2", input=function)
+        assert recipe.weight == name and recipe.rules[0].slots == (("input", name),)
+        prepared = fxquant.prepare(MLP(), recipe.with_nonnegative_inputs("ignore"))
+        assert type(prepared.fc1_weight_quantizer) is type(fxquant.quantizers.get(name))
+        assert fxquant.quantizers.get(function).name == name
+
+    @pytest.mark.parametrize("function, needs", [
+        (fxquant.quantizers.k_bit_quantize, r"KBitQuantize\(k=\.\.\.\)"),
+        (fxquant.quantizers.clamp_ste, r"ClampSTE\(min_value=\.\.\., max_value=\.\.\.\)"),
+        (fxquant.quantizers.step_quantize, r"StepQuantize\(step=\.\.\.\)"),  # class: step=1
+    ])
+    def test_a_quantizer_function_needing_arguments_says_how_to_give_them(self, function, needs):
+        with pytest.raises(ValueError, match=needs):
+            Recipe(weight=function)
+
+    def test_a_tensor_function_is_not_taken_for_a_factory(self):
+        def my_sign(x):
+            return x.sign()
+
+        with pytest.raises(ValueError, match=r"my_sign\(x\) is not a quantizer factory"):
+            Recipe(weight=my_sign)
+
+    @pytest.mark.parametrize("name, suggestion", [
+        ("sign", "did you mean 'ste_sign'"),
+        ("SteSign", "did you mean 'ste_sign'?"),
+        ("STE_SIGN", "did you mean 'ste_sign'?"),
+        ("MagnitudeAwareSign", "did you mean 'magnitude_aware_sign'?"),
+        ("ste_tenr", "did you mean 'ste_tern'"),
+        ("kbit", "'k_bit_quantize'"),
+    ])
+    def test_unknown_name_suggests_the_registered_one(self, name, suggestion):
+        for call in (lambda: Recipe(weight=name), lambda: Recipe().for_name("fc1", input=name),
+                     lambda: fxquant.quantizers.get(name)):
+            with pytest.raises(ValueError, match=re.escape(suggestion)):
+                call()
+
+    def test_unknown_name_without_a_close_match_lists_the_names(self):
+        with pytest.raises(ValueError, match=r"unknown quantizer 'xyz'; known names: .*ste_sign"):
+            Recipe(weight="xyz")
+
+    def test_wage_bit_widths_are_keyword_only(self):
+        with pytest.raises(TypeError, match="positional"):
+            Recipe.wage(2, 8, 6)  # once silently bits_G=6
+
+    @pytest.mark.parametrize("recipe, rule", [
+        (Recipe(weight="ste_sign").for_name("fc9", weight=None), "name:fc9"),
+        (Recipe(weight="ste_sign").for_regex(r"layer\d", weight=None), r"regex:layer\d"),
+    ])
+    def test_name_or_regex_rule_matching_nothing_warns(self, recipe, rule):
+        with pytest.warns(UserWarning, match=re.escape(rule) + ".*fc1, fc2, fc3") as caught:
+            fxquant.prepare(MLP(), recipe)
+        assert [w.filename for w in caught if "match no layer" in str(w.message)] == [__file__]
+
+    def test_type_rule_matching_nothing_does_not_warn(self):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            fxquant.prepare(MLP(), Recipe(weight="ste_sign").for_type(nn.Conv2d, weight=None))
+
+    def test_rule_naming_a_layer_that_stays_float_does_not_warn_as_unmatched(self):
+        class Leafy(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.block = nn.Sequential(nn.Linear(4, 4))
+                self.fc = nn.Linear(4, 2)
+
+            def forward(self, x):
+                return self.fc(self.block(x))
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fxquant.prepare(Leafy(), Recipe(weight="ste_sign").for_name("block.0", weight=None),
+                            leaf_modules=["block"])
+        assert not [w for w in caught if "match no layer" in str(w.message)]

@@ -11,6 +11,7 @@ import torch.fx
 from torch import nn
 
 from fxquant.graph.meta import QuantRecord, get_record, set_record
+from fxquant.graph.passes.nonnegative import _user_stacklevel
 from fxquant.graph.patterns import FUNCTIONAL_FORM, Submodules, match_layer, not_plain_layer
 from fxquant.graph.recipe import LayerInfo, Recipe
 
@@ -21,7 +22,10 @@ def annotate_layers(gm: torch.fx.GraphModule, recipe: Recipe) -> torch.fx.GraphM
     """Put a ``QuantRecord(role="layer")`` with the resolved recipe slots on every weighted layer.
 
     Layers are ``nn.Linear``/``nn.Conv{1,2,3}d`` calls and ``F.linear``/``F.conv{1,2,3}d`` calls
-    whose weight is a parameter. ``strict`` recipes raise ValueError for a rule matching no layer.
+    whose weight is a parameter. A ``for_name`` or ``for_regex`` rule matching no layer (a
+    typo in a path) is a UserWarning listing the model's layers; ``strict`` recipes raise
+    ValueError instead, for every kind of rule. Rules that name a layer staying float (inside a
+    leaf module, say) count as matched: :func:`report_float_layers` tells about those.
     """
     modules = Submodules(gm)
     found = [(node, match) for node in gm.graph.nodes
@@ -29,16 +33,22 @@ def annotate_layers(gm: torch.fx.GraphModule, recipe: Recipe) -> torch.fx.GraphM
     last = len(found) - 1
     infos = [LayerInfo(m.path, m.module_type, m.function, is_first=i == 0, is_last=i == last)
              for i, (_, m) in enumerate(found)]
-    unmatched = recipe.unmatched_rules(infos)
-    if unmatched and recipe.strict:  # a rule may name a layer that stays float (reported later)
+    unmatched = [r for r in recipe.unmatched_rules(infos)
+                 if recipe.strict or r.kind in ("name", "regex")]  # a type rule may be generic
+    if unmatched:  # a rule may name a layer that stays float (reported later)
         found_paths = {m.module or m.path for _, m in found}
-        unmatched = recipe.unmatched_rules(
+        unmatched = [r for r in unmatched if r in recipe.unmatched_rules(
             [*infos, *(info for info, _ in _weighted_modules(gm, recipe, _graph_uses(gm))
-                       if info.path not in found_paths)])
-    if unmatched and recipe.strict:
+                       if info.path not in found_paths)])]
+    if unmatched:
         paths = ", ".join(info.path for info in infos) or "none"
-        raise ValueError(f"strict recipe: rule(s) {[r.describe() for r in unmatched]} match no "
-                         f"layer; the model's weighted layers are: {paths}")
+        message = (f"rule(s) {', '.join(r.describe() for r in unmatched)} match no layer of "
+                   f"{type(gm).__name__}; its weighted layers are: {paths}")
+        if recipe.strict:
+            raise ValueError(f"strict recipe: {message}")
+        warnings.warn(f"fxquant.prepare: {message}. Check the layer path (a for_name path is "
+                      "matched exactly, a for_regex pattern in full against it); "
+                      "Recipe(strict=True) makes this an error.", stacklevel=_user_stacklevel())
     any_quantized = False
     for (node, match), info in zip(found, infos, strict=True):
         specs = recipe.resolve(info)
