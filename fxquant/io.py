@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Callable, Sequence
+import pickle
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -18,10 +20,12 @@ import torch.fx
 from torch import nn
 
 from fxquant.graph.meta import SLOTS
+from fxquant.graph.module import preserve
 from fxquant.graph.recipe import Recipe
 from fxquant.quantizers.base import Quantizer, get
 
-__all__ = ["save", "load", "FORMAT", "VERSION", "recipe_to_plain", "recipe_from_plain"]
+__all__ = ["save", "load", "FORMAT", "VERSION", "recipe_to_plain", "recipe_from_plain",
+           "guard_float_checkpoints"]
 
 FORMAT = "fxquant"
 VERSION = 1
@@ -106,7 +110,16 @@ def options_to_plain(recipe: Recipe, concrete_args: dict[str, Any] | None,
 
 
 def save(gm: torch.fx.GraphModule, path: str | os.PathLike[str]) -> None:
-    """Write a prepared or converted model to ``path`` (see the module docstring)."""
+    """Write a prepared or converted model to ``path`` (see the module docstring).
+
+    Read it back with ``fxquant.load(path, MyNet())`` (a fresh instance of the float model
+    class). The file holds plain data only, so ``torch.load(path)`` gives a dict, never a model.
+    ``torch.save(gm, path)`` instead pickles the GraphModule itself (its generated code
+    included); ``torch.load`` then refuses it with torch's "Weights only load failed" message,
+    because since torch 2.6 it reads with ``weights_only=True``. Only for a file you trust,
+    ``torch.load(path, weights_only=False)`` runs that pickle; ``fxquant.save`` needs no such
+    trust.
+    """
     from fxquant.api import is_converted
 
     config = getattr(gm, CONFIG_ATTR, None)
@@ -133,6 +146,13 @@ def _read(path: str | os.PathLike[str]) -> dict[str, Any]:
         data = torch.load(path, weights_only=True, map_location="cpu")
     except FileNotFoundError:
         raise
+    except pickle.UnpicklingError as err:  # weights_only refused a class: torch.save(model)
+        raise ValueError(f"{os.fspath(path)} is not a readable fxquant file: it holds pickled "
+                         "Python objects (torch.save(model, path) writes those), which "
+                         "fxquant.load does not run. Write models with fxquant.save(model, path) "
+                         "and read them with fxquant.load(path, MyNet()); a file you trust loads "
+                         "with "
+                         f"torch.load(path, weights_only=False). torch said: {err}") from err
     except Exception as err:
         raise ValueError(f"{os.fspath(path)} is not a readable fxquant file "
                          f"(corrupt or truncated?): {err}") from err
@@ -145,24 +165,86 @@ def _read(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def load(path: str | os.PathLike[str], model: nn.Module) -> torch.fx.GraphModule:
-    """Rebuild the saved prepared or converted model from ``model``, a fresh float instance."""
+    """Rebuild the saved prepared or converted model from ``model``, a fresh float instance.
+
+    ``model`` must be an instance of the class the file was saved from (``MyNet()``; passing
+    the class ``MyNet`` is a TypeError saying so); its weights are replaced by the file's. A
+    model of another class, whose ``state_dict`` keys or shapes differ, is one ValueError naming
+    the keys, without the warnings the rebuild gave on the way (such as "the recipe quantizes no
+    layer"). The file must come from :func:`save`: a pickled GraphModule (``torch.save(gm)``)
+    is a ValueError explaining why it is not read (``torch.load`` refuses it too, with its
+    ``weights_only`` message).
+    """
     from fxquant.api import convert, prepare
 
+    if isinstance(model, type) and issubclass(model, nn.Module):
+        raise TypeError(f"fxquant.load expects a fresh instance of the float model, got the class "
+                        f"{model.__name__}; pass an instance: {model.__name__}()")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fxquant.load expects a fresh instance of the float model (an "
+                        f"nn.Module), got {type(model).__name__}")
     data = _read(path)
-    try:
-        options = data["options"]
-        gm = prepare(model, recipe_from_plain(options["recipe"]),
-                     concrete_args=options["concrete_args"] or None,
-                     leaf_modules=[x if ":" not in x else _resolve(x)
-                                   for x in options["leaf_modules"]],
-                     leaf_functions=[_resolve(x) for x in options.get("leaf_functions", [])])
-        for name, plain in data["quantizers"].items():  # settings changed after prepare
-            parent, _, child = name.rpartition(".")
-            setattr(gm.get_submodule(parent), child, get(plain["name"], **plain["config"]))
-        if data["converted"]:
-            gm = convert(gm)
-        gm.load_state_dict(data["state_dict"], strict=True)
-    except (KeyError, TypeError, RuntimeError) as err:
-        raise ValueError(f"{os.fspath(path)} does not match this model: {err}") from err
+    with warnings.catch_warnings(record=True) as caught:  # given only if the rebuild works
+        warnings.simplefilter("always")
+        try:
+            gm = _rebuild(data, model, prepare, convert)
+        except (KeyError, TypeError, RuntimeError) as err:
+            raise ValueError(f"{os.fspath(path)} does not match this model "
+                             f"({type(model).__name__}): {err}\nPass a fresh instance of the "
+                             "model class the file was saved from.") from err
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return gm
 
+
+def _rebuild(data: dict[str, Any], model: nn.Module, prepare: Callable[..., Any],
+             convert: Callable[..., Any]) -> torch.fx.GraphModule:
+    options = data["options"]
+    gm = prepare(model, recipe_from_plain(options["recipe"]),
+                 concrete_args=options["concrete_args"] or None,
+                 leaf_modules=[x if ":" not in x else _resolve(x) for x in options["leaf_modules"]],
+                 leaf_functions=[_resolve(x) for x in options.get("leaf_functions", [])])
+    for name, plain in data["quantizers"].items():  # settings changed after prepare
+        parent, _, child = name.rpartition(".")
+        setattr(gm.get_submodule(parent), child, get(plain["name"], **plain["config"]))
+    if data["converted"]:
+        gm = convert(gm)
+    gm.load_state_dict(data["state_dict"], strict=True)
+    return gm
+
+
+class _FloatCheckpointGuard:
+    """``load_state_dict`` pre-hook of a converted model; see :func:`guard_float_checkpoints`."""
+
+    def __init__(self, latent_keys: frozenset[str]) -> None:
+        self.latent_keys = latent_keys
+
+    def __call__(self, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
+        latent = sorted(k for k in self.latent_keys if prefix + k in state_dict)
+        if not latent:
+            return
+        listed = ", ".join(latent[:5]) + (f", ... ({len(latent) - 5} more)" if len(latent) > 5
+                                         else "")
+        raise RuntimeError(f"load_state_dict: this state_dict holds float latent weights "
+                           f"({listed}) that this converted model stores as packed codes: it is "
+                           "a checkpoint of the float or prepared model. Load the float "
+                           "checkpoint into the prepared model (or into the float model before "
+                           "fxquant.prepare), then convert: fxquant.convert(prepared). A "
+                           "converted model loads its own state_dict or fxquant.load files.")
+
+
+def guard_float_checkpoints(converted: torch.fx.GraphModule) -> None:
+    """Make ``converted.load_state_dict(float_checkpoint)`` say to load before convert.
+
+    :func:`fxquant.convert` calls it. A converted model stores packed codes
+    (``fc.weight_packed.codes``) where the float model has its latent weight (``fc.weight``);
+    a state_dict holding such a latent weight is the float (or prepared) model's checkpoint, and
+    loading it raises a RuntimeError saying to load it into the prepared model (or the float
+    model before prepare) and convert after, instead of torch's list of missing and unexpected
+    keys. The hook survives ``copy.deepcopy`` and pickling.
+    """
+    own = converted.state_dict(keep_vars=True)
+    latent = frozenset(key.rpartition("_packed.")[0] for key in own if "_packed." in key) - set(own)
+    if latent:
+        converted._register_load_state_dict_pre_hook(_FloatCheckpointGuard(latent))
+        preserve(converted, "_load_state_dict_pre_hooks", converted._load_state_dict_pre_hooks)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -146,3 +150,59 @@ def test_recipe_plain_round_trip():
     assert recipe_to_plain(again) == recipe_to_plain(recipe)
     assert [r.describe() for r in again.rules] == [r.describe() for r in recipe.rules]
     assert again.rules[1].key is F.linear and again.rules[0].key is nn.Conv2d
+
+
+class TestErrorsThatTeach:
+    @pytest.fixture
+    def saved(self, tmp_path):
+        prepared, _ = _trained(fxquant.Recipe.bnn())
+        path = tmp_path / "m.fxq"
+        fxquant.save(prepared, path)
+        return path
+
+    def test_passing_the_class_says_to_pass_an_instance(self, saved):
+        with pytest.raises(TypeError, match=r"the class SmallCNN; pass an instance: SmallCNN\(\)"):
+            fxquant.load(saved, SmallCNN)
+
+    @pytest.mark.parametrize("wrong, key", [(MLP, "fc1.weight"),
+                                            (lambda: nn.Sequential(nn.ReLU()), "conv1.weight")])
+    def test_wrong_model_is_one_error_without_spurious_warnings(self, saved, wrong, key):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")  # prepare warns "the recipe quantizes no layer"
+            with pytest.raises(ValueError, match=r"does not match this model") as error:
+                fxquant.load(saved, wrong())
+        assert key in str(error.value) and "model class the file was saved from" in str(
+            error.value)
+        assert [str(w.message) for w in caught] == []
+
+    def test_a_torch_saved_graph_module_is_refused_with_the_fix(self, tmp_path):
+        prepared, _ = _trained(fxquant.Recipe.bnn())
+        torch.save(prepared, tmp_path / "pickled.pt")
+        with pytest.raises(ValueError, match=r"torch.save\(model, path\).*fxquant.save"):
+            fxquant.load(tmp_path / "pickled.pt", SmallCNN())
+        with pytest.raises(pickle.UnpicklingError, match="weights_only"):  # as fxquant.save says
+            torch.load(tmp_path / "pickled.pt")
+
+    @pytest.mark.parametrize("copy_of", [lambda m: m, copy.deepcopy,
+                                         lambda m: pickle.loads(pickle.dumps(m))],
+                             ids=["converted", "deepcopy", "pickle"])
+    def test_float_checkpoint_into_a_converted_model_says_load_before_convert(self, copy_of):
+        model = SmallCNN()
+        prepared, x = _trained(fxquant.Recipe.bnn(), model)
+        converted = copy_of(fxquant.convert(prepared))
+        with pytest.raises(RuntimeError, match=r"\(conv2\.weight\).*into the prepared model "
+                                               r"\(or into the float model before"):
+            converted.load_state_dict(prepared.state_dict())
+        with pytest.raises(RuntimeError, match="then convert"):
+            nn.Sequential(converted).load_state_dict(
+                {f"0.{k}": v for k, v in model.state_dict().items()})
+        expected = fxquant.convert(prepared)(x)
+        converted.load_state_dict(fxquant.convert(prepared).state_dict())  # its own: fine
+        assert torch.equal(converted(x), expected)
+
+    def test_loading_a_converted_file_keeps_the_guard(self, saved, tmp_path):
+        prepared = fxquant.load(saved, SmallCNN())
+        fxquant.save(fxquant.convert(prepared), tmp_path / "c.fxq")
+        converted = fxquant.load(tmp_path / "c.fxq", SmallCNN())
+        with pytest.raises(RuntimeError, match="then convert"):
+            converted.load_state_dict(prepared.state_dict())

@@ -306,3 +306,16 @@ class TestErrorsThatTeach:
             fxquant.prepare(Leafy(), Recipe(weight="ste_sign").for_name("block.0", weight=None),
                             leaf_modules=["block"])
         assert not [w for w in caught if "match no layer" in str(w.message)]
+
+    @pytest.mark.parametrize("done", ["prepared", "converted", "wrapped"])
+    def test_preparing_a_prepared_model_says_so(self, done):
+        model = fxquant.prepare(MLP(), Recipe.bnn().with_nonnegative_inputs("ignore"))
+        if done == "converted":
+            model = fxquant.convert(model)
+        if done == "wrapped":
+            model = nn.DataParallel(model)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with pytest.raises(ValueError, match="already (prepared|converted).*pass the float"):
+                fxquant.prepare(model, Recipe.bnn())
+        assert not [w for w in caught if "quantizes no layer" in str(w.message)]
