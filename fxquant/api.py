@@ -12,7 +12,6 @@ from typing import Any
 import torch
 import torch.fx
 from torch import nn
-from torch.fx.passes.shape_prop import ShapeProp
 
 from fxquant import io, training
 from fxquant.graph.clone import clone_module
@@ -21,6 +20,7 @@ from fxquant.graph.module import merge_modes, mode_graph, preserve
 from fxquant.graph.pipeline import LOWER, PREPARE, DeferredGraphModule, run
 from fxquant.graph.recipe import Recipe
 from fxquant.graph.tracer import trace_modes
+from fxquant.inspect.summary import record_shapes
 from fxquant.quantizers.base import Quantizer
 
 __all__ = ["prepare", "convert", "is_converted"]
@@ -106,16 +106,10 @@ def prepare(model: nn.Module, recipe: Recipe, *, example_inputs: Sequence[Any] |
 
 
 def _record_shapes(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> None:
-    """Shape-propagate once per mode graph; buffers (BN statistics) and the CPU RNG state are
-    restored after."""
-    buffers = {name: b.clone() for name, b in gm.named_buffers()}
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        for graph in {id(g): g for g in (mode_graph(gm, True), mode_graph(gm, False))}.values():
-            propagation = ShapeProp(gm)
-            propagation.graph = graph  # the Interpreter runs this graph on gm's modules
-            propagation.propagate(*example_inputs)
-        for name, b in gm.named_buffers():
-            b.copy_(buffers[name])
+    """Run ``example_inputs`` once per mode graph with every module in eval mode, recording
+    output shapes; train/eval flags, buffers and RNG states are restored after
+    (:func:`fxquant.inspect.record_shapes`)."""
+    record_shapes(gm, example_inputs)
 
 
 def convert(prepared: torch.fx.GraphModule) -> torch.fx.GraphModule:
