@@ -87,6 +87,14 @@ def prepare(model: nn.Module, recipe: Recipe, *, example_inputs: Sequence[Any] |
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"prepare expects an nn.Module, got {type(model).__name__}")
+    if isinstance(_unwrap(model), torch.fx.GraphModule) and any(
+            get_record(n) is not None for n in _unwrap(model).graph.nodes):
+        done, by = (("converted", "convert") if is_converted(_unwrap(model))
+                    else ("prepared", "prepare"))
+        raise ValueError(f"prepare: this model is already {done} (it was returned by fxquant."
+                         f"{by}); pass the float model. To change the recipe, prepare the float "
+                         "model again and load this model's state_dict into the result (the "
+                         "keys are the float model's).")
     if not isinstance(recipe, Recipe):
         raise TypeError(f"prepare expects a fxquant.Recipe, got {type(recipe).__name__}")
     leaf_modules, leaf_functions = list(leaf_modules), list(leaf_functions)
@@ -142,6 +150,7 @@ def convert(prepared: torch.fx.GraphModule) -> torch.fx.GraphModule:
             config = {"error": str(err)}
     with _paused_gc():
         gm = run(_copy_graph_module(prepared, mode_graph(prepared, False)).eval(), LOWER)
+    io.guard_float_checkpoints(gm)  # a float checkpoint: "load it before convert"
     preserve(gm, io.CONFIG_ATTR, config)
     return gm
 
