@@ -66,7 +66,10 @@ from fxquant import training
 from fxquant.graph.meta import get_record
 
 RECIPES: dict[str, Callable[[], fxquant.Recipe]] = {
-    "bnn": fxquant.Recipe.bnn, "twn": fxquant.Recipe.twn, "dorefa": fxquant.Recipe.dorefa}
+    "bnn": fxquant.Recipe.bnn, "twn": fxquant.Recipe.twn, "dorefa": fxquant.Recipe.dorefa,
+    # the one-call fix for ReLU networks: each sign reads the value before the relu, which moves
+    # after the binary layer's batch norm (Bi-Real/ReActNet placement)
+    "bnn-move": lambda: fxquant.Recipe.bnn().with_nonnegative_inputs("move")}
 MAX_PARAMS = 150_000_000
 BATCH = 2
 # Smallest sensible inputs: 64x64 works for every convnet except inception_v3, whose train-mode
@@ -209,6 +212,7 @@ class Case:
     leaf_functions: list[Callable[..., Any]] = dataclasses.field(default_factory=list)
     prepared: torch.fx.GraphModule | None = None
     converted: torch.fx.GraphModule | None = None
+    warnings: list[str] = dataclasses.field(default_factory=list)  # prepare's
 
     def prepare(self) -> torch.fx.GraphModule:
         """The prepared model, following TracingError advice (``leaf_modules``,
@@ -218,8 +222,11 @@ class Case:
                 break
             extra = {"leaf_functions": self.leaf_functions} if self.leaf_functions else {}
             try:
-                self.prepared = fxquant.prepare(self.float_model, RECIPES[self.recipe](),
-                                                leaf_modules=self.leaf_modules, **extra)
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    self.prepared = fxquant.prepare(self.float_model, RECIPES[self.recipe](),
+                                                    leaf_modules=self.leaf_modules, **extra)
+                self.warnings = [str(w.message) for w in caught]
             except fxquant.TracingError as err:
                 advice = advised_leaves(str(err))
                 new_modules = [x for x in advice.get("leaf_modules", [])
@@ -345,26 +352,39 @@ def _set_enabled(p: torch.fx.GraphModule, enabled: bool) -> None:
         training.set_quantizers_enabled(p, enabled)
 
 
+@contextlib.contextmanager
+def _composite_attention() -> Iterator[None]:
+    """torch's float attention modules without their fused no_grad inference kernel, which
+    rounds differently from the composite path that a traced graph computes."""
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
+
+
 def step_eval_equal(case: Case) -> Result:
+    """Quantizers disabled: eval equals the float model's eval (under no_grad, with torch's fused
+    attention kernel off; its difference is noted) and train equals train under one seed."""
     p, f = case.prepare(), case.float_model
+    note = ""
     with _restored(p, f), torch.no_grad():
         _set_enabled(p, False)
         try:
-            try:
-                assert_close(p.eval()(case.x), f.eval()(case.x), "eval, quantizers disabled")
-            except Mismatch as err:  # tell apart no_grad-only fast paths (fused attention)
-                with torch.enable_grad():
-                    diff = max_rel_diff(p(case.x), f(case.x))
-                raise Mismatch(f"{err.args[0].split(' (max')[0]} under no_grad; with autograd "
-                               f"enabled: {'equal' if diff == 0 else f'{diff:.3g}'}",
-                               err.max_rel_diff) from None
+            got = p.eval()(case.x)
+            with _composite_attention():
+                assert_close(got, f.eval()(case.x), "eval, quantizers disabled")
+            fused = max_rel_diff(got, f(case.x))
+            if fused:
+                note = f"torch's fused attention kernel differs by {fused:.2g} relative"
             torch.manual_seed(1)
             got = p.train()(case.x)
             torch.manual_seed(1)
             assert_close(got, f.train()(case.x), "train (same seed), quantizers disabled")
         finally:
             _set_enabled(p, True)
-    return 0.0, ""
+    return 0.0, note
 
 
 def step_train_step(case: Case, tries: int = 3) -> Result:
@@ -393,9 +413,12 @@ def step_train_step(case: Case, tries: int = 3) -> Result:
             if none or bad or not zero:
                 break
     if none or bad or zero:
+        warned = any("non-negative value" in w for w in case.warnings)
         raise AssertionError(f"of {len(latents)} latent weights: no grad {len(none)} {none[:3]}, "
                              f"non-finite grad {len(bad)} {bad[:3]}, zero grad {len(zero)} "
-                             f"{zero[:3]} (loss {first:.4g}; {seed} step(s))")
+                             f"{zero[:3]} (loss {first:.4g}; {seed} step(s))"
+                             + ("; prepare warned: binary layers read non-negative values (r5)"
+                                if warned else ""))
     return None, f"{len(latents)} latent weights, loss {first:.4g}, {seed} step(s)"
 
 
@@ -427,11 +450,17 @@ def step_coverage(case: Case) -> Result:
                     if classes and isinstance(m, classes))
     missing = {n: t for n, t in _expected_weights(case.float_model).items()
                if n not in covered and n not in float_by_recipe and not n.startswith(leaves)}
-    if missing:
-        kinds = sorted(set(missing.values()))
-        raise AssertionError(f"{len(missing)} weights feed no weight quantizer "
-                             f"({', '.join(kinds)}): {sorted(missing)[:4]}")
-    return None, f"{len(covered)} quantized weights, {len(float_by_recipe)} float by recipe"
+    # left float but named in prepare's warning (e.g. weights passed to an fx-wrapped function):
+    # not silent, so not a failure; counted in the note
+    reported = "\n".join(w for w in case.warnings if "stay in float" in w)
+    told = {n for n in missing if f"  {n.rpartition('.')[0]} (" in reported}
+    silent = {n: t for n, t in missing.items() if n not in told}
+    if silent:
+        kinds = sorted(set(silent.values()))
+        raise AssertionError(f"{len(silent)} weights feed no weight quantizer and prepare did "
+                             f"not say so ({', '.join(kinds)}): {sorted(silent)[:4]}")
+    note = f"{len(covered)} quantized weights, {len(float_by_recipe)} float by recipe"
+    return None, note + (f", {len(told)} float and reported by prepare" if told else "")
 
 
 def _batch_norms(gm: torch.fx.GraphModule) -> int:
