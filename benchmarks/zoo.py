@@ -63,6 +63,7 @@ import fxquant
 from benchmarks.common import RESULTS, ROOT, write
 from benchmarks.tv import import_torchvision
 from fxquant import training
+from fxquant.graph.attention import composite_attention
 from fxquant.graph.meta import get_record
 
 RECIPES: dict[str, Callable[[], fxquant.Recipe]] = {
@@ -352,18 +353,6 @@ def _set_enabled(p: torch.fx.GraphModule, enabled: bool) -> None:
         training.set_quantizers_enabled(p, enabled)
 
 
-@contextlib.contextmanager
-def _composite_attention() -> Iterator[None]:
-    """torch's float attention modules without their fused no_grad inference kernel, which
-    rounds differently from the composite path that a traced graph computes."""
-    enabled = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(enabled)
-
-
 def step_eval_equal(case: Case) -> Result:
     """Quantizers disabled: eval equals the float model's eval (under no_grad, with torch's fused
     attention kernel off; its difference is noted) and train equals train under one seed."""
@@ -373,7 +362,7 @@ def step_eval_equal(case: Case) -> Result:
         _set_enabled(p, False)
         try:
             got = p.eval()(case.x)
-            with _composite_attention():
+            with composite_attention():
                 assert_close(got, f.eval()(case.x), "eval, quantizers disabled")
             fused = max_rel_diff(got, f(case.x))
             if fused:

@@ -52,14 +52,16 @@ Forward hooks registered on the ``nn.MultiheadAttention`` itself do not run in t
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["multi_head_attention", "traces_as_function"]
+__all__ = ["multi_head_attention", "traces_as_function", "composite_attention"]
 
 
 def traces_as_function(module: nn.Module) -> bool:
@@ -67,6 +69,19 @@ def traces_as_function(module: nn.Module) -> bool:
     subclass overriding ``forward``, such as torch.ao's quantizable one, is left alone)."""
     return (isinstance(module, nn.MultiheadAttention)
             and type(module).forward is nn.MultiheadAttention.forward)
+
+
+@contextlib.contextmanager
+def composite_attention() -> Iterator[None]:
+    """Inside, torch's attention modules skip their fused inference kernel
+    (``torch.backends.mha`` fast path) and compute the composite path a traced graph computes,
+    which rounds differently; the setting is restored after."""
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
 
 
 def multi_head_attention(mha: nn.MultiheadAttention, query: Tensor, key: Tensor, value: Tensor,

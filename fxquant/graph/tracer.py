@@ -72,7 +72,7 @@ class QuantTracer(torch.fx.Tracer):
         in :attr:`mode_branches` (:func:`trace_modes` then traces the other mode too).
         """
         self.mode_branches = []
-        with _reading_training(self), _slow_path_transformers():
+        with _reading_training(self), attention.composite_attention():
             graph = super().trace(root, concrete_args)
         for node in reversed(graph.nodes):  # reads only used by Python control flow
             if _TRAINING_READ in node.meta and not node.users:
@@ -152,16 +152,6 @@ def _layer_stack(stack: nn.TransformerEncoder | nn.TransformerDecoder, x: Any,
     for layer in stack.layers:
         x = layer(x) if memory is None else layer(x, memory)
     return x if stack.norm is None else stack.norm(x)
-
-
-@contextlib.contextmanager
-def _slow_path_transformers() -> Iterator[None]:
-    enabled = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(enabled)
 
 
 def _user_frame(err: BaseException) -> traceback.FrameSummary | None:
