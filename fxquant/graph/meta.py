@@ -50,6 +50,9 @@ class QuantRecord:
     ``quantizer`` / ``bits``: registry name and bits (quantizer and weight-constant nodes).
     ``tensors`` / ``numel``: for weight constants, the state_dict keys that store the weight and
     its number of values (so ``summary`` can report the bytes really stored).
+    ``absorbed``: for a float layer that convert's ``fold_batch_norm`` folded a batch norm into,
+    the parameters of the prepared model the fold removed (the batch norm's weight and bias,
+    less the bias the layer gained), so ``summary`` counts what the prepared model had.
     """
 
     role: Role
@@ -62,6 +65,7 @@ class QuantRecord:
     bits: int = 32
     tensors: tuple[str, ...] = ()
     numel: int = 0
+    absorbed: int = 0
 
     def spec(self, slot: Slot) -> QuantSpec | None:
         return dict(self.specs).get(slot)

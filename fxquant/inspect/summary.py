@@ -477,6 +477,12 @@ def _rows(gm: torch.fx.GraphModule) -> list[_Row]:
         if node.op == "call_module":
             claims.take(row, claims.under(str(node.target)))
         claims.take(row, state_of(node))
+        absorbed = get_record(node).absorbed  # a folded batch norm's parameters, no memory
+        if absorbed:
+            weight = gm.get_submodule(str(node.target)).weight if node.op == "call_module" \
+                else None  # trainable as the weight that now holds them
+            trainable = weight is not None and weight.requires_grad
+            row.units.append(_Unit((), absorbed, absorbed if trainable else 0, 0))
         layer_rows.setdefault(s.layer, row)
         rows.append(row)
     for node in nodes:  # quantizers' own state (a learned scale) belongs to their layer
@@ -570,9 +576,10 @@ def summary(model: nn.Module, example_inputs: Sequence[Any] | None = None) -> st
 
     Output shapes and MACs need the model run once: pass ``example_inputs`` (a tuple of forward
     arguments) here or to :func:`fxquant.prepare`; without them they show as "?". A converted
-    model counts each folded or packed weight as its number of weights (the same as the
-    prepared model, except where a batch norm folded into a float conv: its scale and shift
-    became the conv's bias) and its memory is the bytes its state_dict really holds.
+    model reports the parameter count and float-32 equivalent of the prepared model: each
+    folded or packed weight counts as its number of weights (as non-trainable constants), and a
+    float conv that absorbed a batch norm counts the batch norm's parameters in its row (as
+    trainable as the conv's weight); its memory is the bytes its state_dict really holds.
     DataParallel/DistributedDataParallel wrappers are looked through.
 
     Example: ``nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4),

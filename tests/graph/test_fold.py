@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxquant
+from fxquant.graph.meta import get_record
 from fxquant.graph.patterns import is_batch_norm, is_plain_batch_norm
 
 U = 2.0**-24  # float32 unit roundoff
@@ -394,6 +395,72 @@ class TestWhichBatchNormsFold:
         with torch.no_grad():
             assert torch.equal(converted(x), prepared(x))
         assert len(_batch_norm_modules(converted)) == 1
+
+
+def _absorbed(gm: torch.fx.GraphModule) -> dict[str, int]:
+    return {r.layer: r.absorbed for n in gm.graph.nodes
+            if (r := get_record(n)) is not None and r.role == "layer"}
+
+
+def _param_count(gm: nn.Module) -> int:
+    """The converted model's own parameters, packed/folded weights as their numbers of values,
+    plus what each layer recorded as absorbed: what the prepared model had."""
+    return sum(p.numel() for p in gm.parameters()) + sum(_absorbed(gm).values())
+
+
+class TestAbsorbedParameters:
+    """A float layer that absorbs a batch norm records the prepared parameters that left."""
+
+    @pytest.mark.parametrize("bias", [True, False])
+    @pytest.mark.parametrize("affine", [True, False])
+    def test_batch_norm_weight_and_bias_less_the_bias_the_layer_gained(self, bias, affine):
+        model = LayerBN(2, bias=bias, bn=nn.BatchNorm2d(12, affine=affine)).eval()
+        prepared = fxquant.prepare(model, fxquant.Recipe()).eval()  # every layer float
+        converted = fxquant.convert(prepared)
+        converted.graph.lint()
+        assert not _batch_norm_modules(converted)
+        expected = (2 * 12 if affine else 0) - (0 if bias else 12)  # hand count
+        assert _absorbed(converted) == {"layer": expected, "head": 0}
+        assert _absorbed(prepared) == {"layer": 0, "head": 0}
+        # nothing is quantized: every tensor stays a parameter, so torch's count is the oracle
+        assert _param_count(converted) == sum(p.numel() for p in model.parameters())
+
+    def test_batch_norm_after_a_quantized_layer_absorbs_nothing(self):
+        _, converted = _convert(LayerBN(2), quantized=True)
+        assert _absorbed(converted) == {"layer": 0, "head": 0}
+        assert {"bn.weight", "bn.bias"} <= set(converted.state_dict())  # F.batch_norm's
+
+    def test_a_batch_norm_called_after_two_float_convs_counts_once(self):
+        class Shared(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.a, self.b = nn.Conv2d(3, 4, 3, bias=False), nn.Conv2d(3, 4, 3, bias=False)
+                self.bn = nn.BatchNorm2d(4)
+
+            def forward(self, x):
+                return self.bn(self.a(x)) + self.bn(self.b(x))
+
+        model = Shared().eval()
+        converted = fxquant.convert(fxquant.prepare(model, fxquant.Recipe()).eval())
+        converted.graph.lint()
+        assert not _batch_norm_modules(converted)
+        assert sorted(_absorbed(converted).values()) == [-4, 2 * 4 - 4]
+        assert _param_count(converted) == sum(p.numel() for p in model.parameters())
+
+    def test_a_batch_norm_that_also_stays_a_call_counts_nothing(self):
+        class Mixed(nn.Module):  # the same batch norm after a float conv and after an add
+            def __init__(self):
+                super().__init__()
+                self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+
+            def forward(self, x):
+                return self.bn(self.conv(x)) + self.bn(x + 1)
+
+        model = Mixed().eval()
+        converted = fxquant.convert(fxquant.prepare(model, fxquant.Recipe()).eval())
+        converted.graph.lint()
+        assert _absorbed(converted) == {"conv": -4}  # only the bias it gained
+        assert _param_count(converted) == sum(p.numel() for p in model.parameters())
 
 
 class TestPatterns:

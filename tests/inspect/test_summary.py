@@ -80,30 +80,31 @@ Compression ratio of memory       0.8297 (1.21x smaller)
 Number of MACs                    22,016
 Ratio of MACs that are binarized  0.8372"""  # noqa: E501
 
-# convert: batch norm 1 folds into the float conv 0 (W' = W*s, a new bias of 4: 40 params,
-# 160 B); conv 2's 288 signs pack 8 per byte (36 B) with a (8, 2) float32 table (64 B) = 100 B,
+# convert: batch norm 1 folds into the float conv 0 (W' = W*s, a new bias of 4: 40 values,
+# 160 B); the row counts the prepared model's 36 + 8 = 44 params (trainable, as the conv's
+# weight); conv 2's 288 signs pack 8 per byte (36 B) with a (8, 2) float32 table (64 B) = 100 B,
 # constants, so non-trainable; batch norm 3 stays (F.batch_norm on its own tensors: gamma, beta,
 # mean, var 4*8*4 B + the int64 num_batches_tracked = 136 B = 0.13 KiB).
-# Total 1,634 params, 160 + 100 + 136 + 5,160 = 5,556 B = 5.43 KiB; float-32 6,536 B = 6.38 KiB;
-# ratio 5,556/6,536 = 0.8501 (1.18x).
+# Total 1,638 params as prepared, 160 + 100 + 136 + 5,160 = 5,556 B = 5.43 KiB; float-32 as
+# prepared 6,552 B = 6.40 KiB; ratio 5,556/6,552 = 0.8480 (1.18x).
 CONVERTED = """\
 Layer    Op          Weight q. (bits)    Input q. (bits)    Output shape      Params    Memory (KiB)    1-bit MACs    32-bit MACs
 -------  ----------  ------------------  -----------------  --------------  --------  --------------  ------------  -------------
-0        conv2d      - (32)              - (32)             (-1, 4, 8, 8)         40            0.16             0          2,304
+0        conv2d      - (32)              - (32)             (-1, 4, 8, 8)         44            0.16             0          2,304
 2        conv2d      ste_sign (1)        ste_sign (1)       (-1, 8, 8, 8)        288            0.10        18,432              0
 3        batch_norm  -                   -                  (-1, 8, 8, 8)         16            0.13             0              0
 4        MaxPool2d   -                   -                  (-1, 8, 4, 4)          0            0.00             0              0
 5        Flatten     -                   -                  (-1, 128)              0            0.00             0              0
 6        linear      - (32)              - (32)             (-1, 10)           1,290            5.04             0          1,280
 -------  ----------  ------------------  -----------------  --------------  --------  --------------  ------------  -------------
-Total                                                                          1,634            5.43        18,432          3,584
+Total                                                                          1,638            5.43        18,432          3,584
 
-Total params                      1,634
-Trainable params                  1,346
+Total params                      1,638
+Trainable params                  1,350
 Non-trainable params              288
 Model size                        5.43 KiB
-Float-32 equivalent               6.38 KiB
-Compression ratio of memory       0.8501 (1.18x smaller)
+Float-32 equivalent               6.40 KiB
+Compression ratio of memory       0.8480 (1.18x smaller)
 Number of MACs                    22,016
 Ratio of MACs that are binarized  0.8372"""  # noqa: E501
 
@@ -248,6 +249,41 @@ class TestConvertedModel:
         assert before["Total params"] == after["Total params"] == f"{params:,}"
         assert before["Float-32 equivalent"] == after["Float-32 equivalent"]
         assert after["Non-trainable params"] == f"{16 * 16:,}"  # the packed binary weights
+
+    @pytest.mark.parametrize("bias", [False, True])
+    def test_a_batch_norm_folded_into_a_float_conv_still_counts(self, bias):
+        # Recipe.bnn() leaves the first conv float: batch norm 1 folds into its weight and bias
+        model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, bias=bias), nn.BatchNorm2d(4),
+                              nn.Conv2d(4, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Flatten(),
+                              nn.Linear(8 * 8 * 8, 3))
+        x = torch.randn(2, 1, 8, 8)
+        prepared = _prepare(model, fxquant.Recipe.bnn(), example_inputs=(x,))
+        converted = fxquant.convert(prepared)
+        assert "1" not in dict(converted.named_modules())  # batch norm 1 is gone
+        before = _totals(fxquant.summary(prepared))
+        after = _totals(fxquant.summary(converted))
+        params = sum(p.numel() for p in model.parameters())  # torch's count, the oracle
+        assert before["Total params"] == after["Total params"] == f"{params:,}"
+        assert before["Float-32 equivalent"] == after["Float-32 equivalent"] == (
+            f"{params * 4 / 1024:,.2f} KiB")
+        packed = 4 * 8 * 3 * 3  # conv 2's binary weights: constants, not trainable
+        assert after["Non-trainable params"] == f"{packed:,}"
+        assert after["Trainable params"] == f"{params - packed:,}"
+        conv0 = _table(fxquant.summary(converted))[0]
+        assert conv0[:2] == ["0", "conv2d"] and conv0[5] == f"{4 * 9 + 4 * bias + 8}"
+        # memory stays the bytes stored: the folded weight and its bias, gained or not
+        stored = sum(t.numel() * t.element_size() for t in converted.state_dict().values())
+        assert after["Model size"] == f"{stored / 1024:.2f} KiB"
+
+    def test_save_and_load_of_a_converted_model_gives_the_same_summary(self, tmp_path):
+        x = torch.randn(1, 1, 8, 8)
+        prepared = _prepare(_bnn_cnn(), fxquant.Recipe.bnn(), example_inputs=(x,))
+        converted = fxquant.convert(prepared)
+        fxquant.save(converted, tmp_path / "c.fxq")
+        loaded = fxquant.load(tmp_path / "c.fxq", _bnn_cnn())
+        text = fxquant.summary(loaded, example_inputs=(x,))
+        assert text == fxquant.summary(converted, example_inputs=(x,))
+        assert _totals(text)["Total params"] == _totals(fxquant.summary(prepared))["Total params"]
 
     def test_lowered_input_quantizers_still_count_as_binary_macs(self):
         prepared = fxquant.prepare(MLP(), fxquant.Recipe.bnn(),

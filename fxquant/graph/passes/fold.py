@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from fxquant.graph.meta import QuantRecord, get_record, set_record
+from fxquant.graph.meta import QuantRecord, get_record, set_record, update_record
 from fxquant.graph.patterns import is_plain_batch_norm
 
 __all__ = ["fold_weight_quantizers", "fold_batch_norm", "FoldedLayer", "reads_only_metadata"]
@@ -196,6 +196,9 @@ def fold_batch_norm(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
       multiplier and bias a binary inference engine applies; ATen computes ``y·α + (β − μ·α)``
       with or without fused multiply-adds depending on the CPU, so no mul/add graph could
       match it everywhere.)
+
+    A layer that absorbed a batch norm records on its ``QuantRecord`` (``absorbed``) how many
+    parameters of the prepared model left with it, so ``summary`` reports the same count.
     """
     calls = Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_module")
     reads: dict[str, list[torch.fx.Node]] = {}
@@ -203,12 +206,16 @@ def fold_batch_norm(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         if n.op == "get_attr":
             reads.setdefault(str(n.target), []).append(n)
     lowered: set[str] = set()
+    absorbed: dict[str, torch.fx.Node] = {}  # batch norm -> the first layer that absorbed it
+    folds: Counter[str] = Counter()
     for node in list(gm.graph.nodes):
         bn = _foldable_bn(gm, node)
         if bn is None:
             continue
         layer = node.args[0]
         if _fold_into_float_layer(gm, layer, bn, calls, reads):
+            absorbed.setdefault(str(node.target), layer)
+            folds[str(node.target)] += 1
             node.replace_all_uses_with(layer)
         else:
             path = str(node.target)
@@ -220,6 +227,12 @@ def fold_batch_norm(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
             node.replace_all_uses_with(fused)
             lowered.add(path)
         gm.graph.erase_node(node)
+    for path, layer in absorbed.items():  # its parameters left the model with it: count them
+        if folds[path] == calls[path] and not any(f"{path}.{name}" in reads
+                                                  for name in ("weight", "bias")):
+            params = gm.get_submodule(path)._parameters.values()
+            update_record(layer, absorbed=get_record(layer).absorbed + sum(
+                p.numel() for p in params if p is not None))
     _replace_called_module_types(gm, lowered)
     return gm
 
@@ -261,4 +274,6 @@ def _fold_into_float_layer(gm: torch.fx.GraphModule, layer: torch.fx.Node, bn: n
     # new parameters rather than in-place: a weight tied to another module stays as it was there
     module.weight = nn.Parameter(new_weight, requires_grad=weight.requires_grad)
     module.bias = nn.Parameter(new_bias, requires_grad=weight.requires_grad)
+    if bias is None:  # not a parameter of the prepared model (summary counts what that had)
+        update_record(layer, absorbed=get_record(layer).absorbed - new_bias.numel())
     return True
