@@ -376,7 +376,7 @@ def step_eval_equal(case: Case) -> Result:
     return 0.0, note
 
 
-def step_train_step(case: Case, tries: int = 3) -> Result:
+def step_train_step(case: Case, tries: int = 5) -> Result:
     """Loss and latent-weight gradients of one train-mode step. A weight whose gradient is zero is
     tried again with up to ``tries - 1`` more seeds, gradients summed: stochastic depth (batch of
     2) may drop a whole residual branch in one step."""
