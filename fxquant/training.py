@@ -44,6 +44,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from fxquant._text import listing
 from fxquant.graph.meta import SLOTS, QuantRecord, get_record
 from fxquant.graph.module import all_nodes
 from fxquant.quantizers.base import Quantizer
@@ -110,12 +111,6 @@ def _check_roles(roles: Roles, who: str) -> set[str] | None:
     return chosen
 
 
-def _listing(paths: Iterable[str], limit: int = 20) -> str:
-    paths = list(paths)
-    more = f", ... ({len(paths) - limit} more)" if len(paths) > limit else ""
-    return (", ".join(paths[:limit]) + more) if paths else "(none)"
-
-
 def _check_layers(layers: Layers, known: list[str], who: str) -> set[str] | None:
     """The layer paths ``layers`` selects among ``known`` (the quantized layers of the model)."""
     if layers is None:
@@ -128,7 +123,7 @@ def _check_layers(layers: Layers, known: list[str], who: str) -> set[str] | None
         matched = {path for path in known if pattern.fullmatch(path)}
         if not matched:
             raise ValueError(f"{who}: layers pattern {pattern.pattern!r} matches no quantized "
-                             f"layer; quantized layers: {_listing(known)}")
+                             f"layer; quantized layers: {listing(known)}")
         return matched
     paths = list(layers)
     bad = [p for p in paths if not isinstance(p, str)]
@@ -137,8 +132,8 @@ def _check_layers(layers: Layers, known: list[str], who: str) -> set[str] | None
                          f"(str), got {bad!r}")
     unknown = [p for p in paths if p not in known]
     if unknown:
-        raise ValueError(f"{who}: no quantized layer named {_listing(unknown)}; quantized layers: "
-                         f"{_listing(known)}")
+        raise ValueError(f"{who}: no quantized layer named {listing(unknown)}; quantized layers: "
+                         f"{listing(known)}")
     return set(paths)
 
 
@@ -494,7 +489,7 @@ class LatentWeightClip:
         in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
         if not any(id(p) in in_optimizer for p in self.params.values()):
             raise ValueError(f"{who}: the optimizer updates none of the latent weights "
-                             f"{_listing(self.params)}; pass the optimizer that trains them")
+                             f"{listing(self.params)}; pass the optimizer that trains them")
         self._handle = optimizer.register_step_post_hook(self._after_step)
         _stop_clip_checks(e.module for e, _, _ in sources)
 

@@ -328,3 +328,15 @@ class TestDrop:
         gm, messages = _prepare(Aliased(), BINARY.with_nonnegative_inputs("drop"))
         assert len(messages) == 1 and "works in place" in messages[0]
         assert operator.add in {n.target for n in gm.graph.nodes}
+
+
+def test_the_warning_names_a_dozen_layers_and_counts_the_rest():
+    layers = []
+    for _ in range(30):
+        layers += [nn.Linear(4, 4), nn.ReLU()]
+    model = nn.Sequential(*layers, nn.Linear(4, 2))
+    with pytest.warns(UserWarning, match="non-negative") as caught:
+        fxquant.prepare(model, fxquant.Recipe(weight="ste_sign", input="ste_sign"))
+    message = next(str(w.message) for w in caught if "non-negative" in str(w.message))
+    assert "30 binary layer(s)" in message and "... (18 more)" in message
+    assert len(message) < 2000

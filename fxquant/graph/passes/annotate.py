@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import torch.fx
 from torch import nn
 
+from fxquant._text import listing
 from fxquant.graph.meta import QuantRecord, get_record, set_record
 from fxquant.graph.passes.nonnegative import _user_stacklevel
 from fxquant.graph.patterns import FUNCTIONAL_FORM, Submodules, match_layer, not_plain_layer
@@ -41,7 +42,7 @@ def annotate_layers(gm: torch.fx.GraphModule, recipe: Recipe) -> torch.fx.GraphM
             [*infos, *(info for info, _ in _weighted_modules(gm, recipe, _graph_uses(gm))
                        if info.path not in found_paths)])]
     if unmatched:
-        paths = ", ".join(info.path for info in infos) or "none"
+        paths = listing(info.path for info in infos)
         message = (f"rule(s) {', '.join(r.describe() for r in unmatched)} match no layer of "
                    f"{type(gm).__name__}; its weighted layers are: {paths}")
         if recipe.strict:
@@ -168,8 +169,8 @@ def report_float_layers(gm: torch.fx.GraphModule, recipe: Recipe) -> torch.fx.Gr
     if not lines:
         return gm
     message = (f"{len(lines)} weighted layer(s) of {type(gm).__name__} stay in float although "
-               f"the recipe quantizes them:\n" + "\n".join(lines) + "\nTo keep them in float "
-               "on purpose, set their slots to None in the recipe (e.g. "
+               f"the recipe quantizes them:\n" + listing(lines, 100, "\n")
+               + "\nTo keep them in float on purpose, set their slots to None in the recipe (e.g. "
                ".for_name(path, weight=None, input=None)); to quantize them, let fxquant trace "
                "into the code that calls them (do not list it in leaf_modules, do not "
                "torch.fx.wrap it).")

@@ -64,6 +64,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from fxquant._text import listing
 from fxquant.graph.meta import get_record
 from fxquant.graph.patterns import Submodules, is_batch_norm
 from fxquant.graph.recipe import Recipe
@@ -534,13 +535,13 @@ def _message(found: list[NonnegativeInput], refused: Mapping[str, str]) -> str:
     ternary = [f for f in found if f.effect == "loses -1"]
     if constant:
         lines.append("  constant input (a sign of x >= 0 is +1 everywhere): "
-                     + "; ".join(f.describe() for f in constant))
+                     + listing((f.describe() for f in constant), 12, "; "))
     if ternary:
         lines.append("  ternary input loses its -1 level ({0, +1} only): "
-                     + "; ".join(f.describe() for f in ternary))
+                     + listing((f.describe() for f in ternary), 12, "; "))
     if refused:
-        lines.append("  the requested rewrite was not possible for: " + "; ".join(
-            f"{f.layer} ({refused.get(f.quantizer, 'not rewritten')})" for f in found))
+        lines.append("  the requested rewrite was not possible for: " + listing((
+            f"{f.layer} ({refused.get(f.quantizer, 'not rewritten')})" for f in found), 12, "; "))
     lines.append(f"Fixes: {_FIXES}.")
     return "\n".join(lines)
 
