@@ -59,12 +59,8 @@ class QuantGraphModule(torch.fx.GraphModule):
         other: dict[bool, torch.fx.GraphModule] = {}
         for mode, graph in (self.__dict__.get(MODE_GRAPHS) or {}).items():
             if graph is not self.graph:  # pickled as its own GraphModule over the same modules
-                other[mode] = QuantGraphModule(self, _detached_copy(graph), "ModeGraph")
+                other[mode] = QuantGraphModule(self, copy.deepcopy(graph), "ModeGraph")
         return (_rebuild, (body, import_block, _records(self.graph), other))
-
-
-def _detached_copy(graph: torch.fx.Graph) -> torch.fx.Graph:
-    return copy.deepcopy(graph)
 
 
 def _records(graph: torch.fx.Graph) -> dict[str, QuantRecord]:
