@@ -174,6 +174,14 @@ def load(path: str | os.PathLike[str], model: nn.Module) -> torch.fx.GraphModule
     layer"). The file must come from :func:`save`: a pickled GraphModule (``torch.save(gm)``)
     is a ValueError explaining why it is not read (``torch.load`` refuses it too, with its
     ``weights_only`` message).
+
+    Dtypes come from the file, the device from ``model``: ``load_state_dict`` alone would copy
+    the saved values into the fresh model's float32 tensors, so before it, when the file's
+    floating tensors all share one dtype (a model saved after ``.double()``, ``.half()`` or
+    ``.to(torch.bfloat16)``) and the rebuilt model's differ, the model is converted as a whole
+    with ``.to(dtype)`` (non-persistent buffers included); any parameter or buffer whose dtype
+    still differs from the file's (mixed dtypes) is given the file's dtype in place. Move the
+    fresh model to its device (``MyNet().cuda()``) before ``load`` or the result after it.
     """
     from fxquant.api import convert, prepare
 
@@ -209,8 +217,24 @@ def _rebuild(data: dict[str, Any], model: nn.Module, prepare: Callable[..., Any]
         setattr(gm.get_submodule(parent), child, get(plain["name"], **plain["config"]))
     if data["converted"]:
         gm = convert(gm)
+    _match_dtypes(gm, data["state_dict"])
     gm.load_state_dict(data["state_dict"], strict=True)
     return gm
+
+
+def _match_dtypes(gm: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Give ``gm``'s floating parameters and buffers the dtypes they have in ``state_dict``."""
+    own = gm.state_dict(keep_vars=True)
+    differ = [k for k, v in state_dict.items()
+              if k in own and v.is_floating_point() and own[k].dtype != v.dtype]
+    if not differ:
+        return
+    dtypes = {v.dtype for v in state_dict.values() if v.is_floating_point()}
+    if len(dtypes) == 1:  # saved after model.to(dtype): non-persistent buffers follow as well
+        gm.to(dtypes.pop())
+        own = gm.state_dict(keep_vars=True)
+    for key in differ:  # in place, so shared parameters stay shared
+        own[key].data = own[key].data.to(state_dict[key].dtype)
 
 
 class _FloatCheckpointGuard:

@@ -63,7 +63,7 @@ def pack(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     if per_byte > 1:
         pad = (-codes.numel()) % per_byte
         codes = torch.cat([codes, codes.new_zeros(pad)]).view(-1, per_byte)
-        shifts = torch.arange(per_byte, dtype=torch.uint8) * bits
+        shifts = torch.arange(per_byte, dtype=torch.uint8, device=codes.device) * bits
         codes = (codes << shifts).sum(dim=1, dtype=torch.uint8)
     return codes, table
 

@@ -37,6 +37,24 @@ def _check_scale(scale: float, who: str) -> None:
         raise ValueError(f"{who}: scale must be a finite number > 0, got {scale!r}")
 
 
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """Same type, and same index where both name one (a generator may say ``cuda``)."""
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+
+
+def _check_generator_device(generator: torch.Generator | None, x: torch.Tensor, who: str) -> None:
+    """Raise a ValueError naming both devices when ``generator`` cannot draw noise for ``x``."""
+    if generator is None:
+        return
+    g, d = generator.device, x.device
+    if not _same_device(g, d):
+        raise ValueError(f"{who}: the generator for stochastic rounding is on {g} but the tensor "
+                         f"is on {d}; give it a torch.Generator(device={str(d)!r}). A WAGE "
+                         "quantizer's generator follows model.to(device); "
+                         "fxquant.wage.seed_rounding(model, seed) reseeds them all on the "
+                         "model's device")
+
+
 def _shift_divisor(x: torch.Tensor) -> torch.Tensor:
     """0-dim ``2**ceil(log2(max|x|))`` without gradient, as QPyTorch's ``shift`` computes it.
 
@@ -115,6 +133,8 @@ def QW(
     _check_bits(bits, "QW")
     _check_args(bits, bits - 1, mode, "QW")
     _check_scale(scale, "QW")
+    if mode == "stochastic":
+        _check_generator_device(generator, x, "QW")
     y = fixed_point_quantize(x, bits, bits - 1, clamp=True, symmetric=True, rounding=mode,
                              generator=generator)
     if scale > 1.8:
@@ -145,6 +165,8 @@ def QG(
     _check_args(bits_G, bits_G - 1, mode, "QG")
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
         raise ValueError(f"QG: lr must be a finite number > 0, got {lr!r}")
+    if mode == "stochastic":
+        _check_generator_device(generator, x, "QG")
     s = shift(x.detach())
     s.mul_(lr / 2.0 ** (bits_G - 1))
     return fixed_point_quantize(s, bits_G, bits_G - 1, clamp=False, symmetric=True,

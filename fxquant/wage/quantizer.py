@@ -38,7 +38,14 @@ from fxquant.quantizers.fixed_point import (
     _scaled_round_clamp,
     _symmetric_nearest_plain,
 )
-from fxquant.wage.functional import QW, _check_bits, _check_scale, _shift_divisor
+from fxquant.wage.functional import (
+    QW,
+    _check_bits,
+    _check_generator_device,
+    _check_scale,
+    _same_device,
+    _shift_divisor,
+)
 
 __all__ = [
     "wage_quantize",
@@ -140,6 +147,8 @@ def wage_quantize(
     _check_mode(E_mode, "wage_quantize", "E_mode")
     if bits_A == -1 and bits_E == -1:
         return x
+    if (bits_A != -1 and A_mode == "stochastic") or (bits_E != -1 and E_mode == "stochastic"):
+        _check_generator_device(generator, x, "wage_quantize")
     return _WAGEQuantize.apply(x, bits_A, bits_E, A_mode, E_mode, generator)
 
 
@@ -186,11 +195,33 @@ def wage_weight_quantize(
     _check_bits(bits, "wage_weight_quantize")
     _check_scale(scale, "wage_weight_quantize")
     _check_mode(mode, "wage_weight_quantize", "mode")
+    if mode == "stochastic":
+        _check_generator_device(generator, w, "wage_weight_quantize")
     return _WAGEWeightQuantize.apply(w, bits, scale, mode, generator)
 
 
 class _WAGEModule(Quantizer):
-    """Shared by the WAGE modules: ``get_config`` without the generator."""
+    """Shared by the WAGE modules: ``get_config`` without the generator; ``.to()`` moves it.
+
+    ``generator`` is a plain attribute, not a buffer, so ``nn.Module.to`` would leave it behind.
+    :meth:`_apply` (what ``.to(device)``, ``.cuda()`` and ``.cpu()`` call) replaces a generator
+    the move sends to another device with a new one there, seeded with the old one's
+    ``initial_seed()``: CPU and CUDA generator states differ in kind, so the position in the
+    stream is not carried over, and ``seed_rounding(m, s)`` then ``m.to(d)`` equals ``m.to(d)``
+    then ``seed_rounding(m, s)``. A dtype-only ``.to()`` keeps the very same generator. The
+    ``meta`` device has no generators: there the old one stays (and stochastic rounding says so).
+    """
+
+    generator: torch.Generator | None
+
+    def _apply(self, fn: Any, recurse: bool = True) -> _WAGEModule:
+        module = super()._apply(fn, recurse)
+        old = self.generator
+        if old is not None:
+            target = fn(torch.empty(0, device=old.device)).device  # where this move sends tensors
+            if target.type != "meta" and not _same_device(target, old.device):
+                self.generator = torch.Generator(device=target).manual_seed(old.initial_seed())
+        return module
 
     def get_config(self) -> dict[str, Any]:
         """Constructor arguments as plain data; ``generator`` is dropped.
