@@ -87,8 +87,7 @@ def prepare(model: nn.Module, recipe: Recipe, *, example_inputs: Sequence[Any] |
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"prepare expects an nn.Module, got {type(model).__name__}")
-    if isinstance(_unwrap(model), torch.fx.GraphModule) and any(
-            get_record(n) is not None for n in _unwrap(model).graph.nodes):
+    if _from_fxquant(_unwrap(model)):
         done, by = (("converted", "convert") if is_converted(_unwrap(model))
                     else ("prepared", "prepare"))
         raise ValueError(f"prepare: this model is already {done} (it was returned by fxquant."
@@ -108,16 +107,15 @@ def prepare(model: nn.Module, recipe: Recipe, *, example_inputs: Sequence[Any] |
     training.install_clip_warning(gm)
     preserve(gm, io.CONFIG_ATTR,
              io.options_to_plain(recipe, concrete_args, leaf_modules, leaf_functions))
-    if example_inputs is not None:
-        _record_shapes(gm, example_inputs)
+    if example_inputs is not None:  # per mode graph, modules in eval mode, state restored
+        record_shapes(gm, example_inputs)
     return gm
 
 
-def _record_shapes(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> None:
-    """Run ``example_inputs`` once per mode graph with every module in eval mode, recording
-    output shapes; train/eval flags, buffers and RNG states are restored after
-    (:func:`fxquant.inspect.record_shapes`)."""
-    record_shapes(gm, example_inputs)
+def _from_fxquant(model: nn.Module) -> bool:
+    """Whether ``model`` was returned by :func:`prepare` or :func:`convert` (records on nodes)."""
+    return isinstance(model, torch.fx.GraphModule) and any(
+        get_record(n) is not None for n in model.graph.nodes)
 
 
 def convert(prepared: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -132,8 +130,7 @@ def convert(prepared: torch.fx.GraphModule) -> torch.fx.GraphModule:
     which strays far where a running variance is near 0), so a sign quantizer after it may flip
     (see ``fold_batch_norm``).
     """
-    if not isinstance(prepared, torch.fx.GraphModule) or not any(
-            get_record(n) is not None for n in prepared.graph.nodes):
+    if not _from_fxquant(prepared):
         raise TypeError("convert expects a GraphModule returned by fxquant.prepare")
     if is_converted(prepared):
         raise ValueError("this model is already converted")
