@@ -47,7 +47,6 @@ class QuantTracer(torch.fx.Tracer):
         if bad_functions:
             raise ValueError(f"leaf_functions takes functions, got {bad_functions!r}")
         super().__init__(autowrap_functions=functions)
-        self.leaf_functions = functions
         # Buffers read in traced code become graph reads: an in-place update such as
         # ``self.calls.add_(1)`` is recorded instead of running once on the real buffer.
         self.proxy_buffer_attributes = True
@@ -107,15 +106,15 @@ class QuantTracer(torch.fx.Tracer):
 
     def call_module(self, m: nn.Module, forward: Any, args: tuple[Any, ...],
                     kwargs: dict[str, Any]) -> Any:
-        self._paths.append(self.path_of_module(m))
+        path = self.path_of_module(m)
         if attention.traces_as_function(m):  # traced instead of forward unless made a leaf
             forward = functools.partial(attention.multi_head_attention, m)
         elif _traced_transformer(m):
             if _masked(m, args, kwargs):  # masks are checked by value: a leaf (reported float)
-                path = self._paths.pop()
                 return self.create_proxy("call_module", path, args, kwargs)
             if isinstance(m, (nn.TransformerEncoder, nn.TransformerDecoder)):
                 forward = functools.partial(_layer_stack, m)
+        self._paths.append(path)
         try:
             return super().call_module(m, forward, args, kwargs)
         except Exception:
