@@ -11,9 +11,9 @@ import torch.fx
 from torch import nn
 
 from fxquant._text import listing
+from fxquant._user_code import user_stacklevel
 from fxquant.graph.meta import QuantRecord, get_record, set_record
-from fxquant.graph.passes.nonnegative import _user_stacklevel
-from fxquant.graph.patterns import FUNCTIONAL_FORM, Submodules, match_layer, not_plain_layer
+from fxquant.graph.patterns import _LAYER_CLASSES, Submodules, match_layer, not_plain_layer
 from fxquant.graph.recipe import LayerInfo, Recipe
 
 __all__ = ["annotate_layers", "report_float_layers"]
@@ -38,9 +38,10 @@ def annotate_layers(gm: torch.fx.GraphModule, recipe: Recipe) -> torch.fx.GraphM
                  if recipe.strict or r.kind in ("name", "regex")]  # a type rule may be generic
     if unmatched:  # a rule may name a layer that stays float (reported later)
         found_paths = {m.module or m.path for _, m in found}
-        unmatched = [r for r in unmatched if r in recipe.unmatched_rules(
+        still = recipe.unmatched_rules(
             [*infos, *(info for info, _ in _weighted_modules(gm, recipe, _graph_uses(gm))
-                       if info.path not in found_paths)])]
+                       if info.path not in found_paths)])
+        unmatched = [r for r in unmatched if r in still]
     if unmatched:
         paths = listing(info.path for info in infos)
         message = (f"rule(s) {', '.join(r.describe() for r in unmatched)} match no layer of "
@@ -49,7 +50,7 @@ def annotate_layers(gm: torch.fx.GraphModule, recipe: Recipe) -> torch.fx.GraphM
             raise ValueError(f"strict recipe: {message}")
         warnings.warn(f"fxquant.prepare: {message}. Check the layer path (a for_name path is "
                       "matched exactly, a for_regex pattern in full against it); "
-                      "Recipe(strict=True) makes this an error.", stacklevel=_user_stacklevel())
+                      "Recipe(strict=True) makes this an error.", stacklevel=user_stacklevel())
     any_quantized = False
     for (node, match), info in zip(found, infos, strict=True):
         specs = recipe.resolve(info)
@@ -61,7 +62,7 @@ def annotate_layers(gm: torch.fx.GraphModule, recipe: Recipe) -> torch.fx.GraphM
                    f"parameter weight)")
         if recipe.strict:
             raise ValueError(message)
-        warnings.warn(message, stacklevel=3)
+        warnings.warn(message, stacklevel=user_stacklevel())
     return gm
 
 
@@ -71,7 +72,6 @@ def _recipe_quantizes_something(recipe: Recipe) -> bool:
         value is not None for rule in recipe.rules for _, value in rule.slots)
 
 
-_LAYER_CLASSES = tuple(FUNCTIONAL_FORM)
 _VISIBLE_MODULES = ("torch", "_operator", "operator", "builtins", "math")
 
 Uses = tuple[dict[str, str], dict[str, list[torch.fx.Node]]]
@@ -176,5 +176,5 @@ def report_float_layers(gm: torch.fx.GraphModule, recipe: Recipe) -> torch.fx.Gr
                "torch.fx.wrap it).")
     if recipe.strict:
         raise ValueError(message)
-    warnings.warn(message, stacklevel=3)
+    warnings.warn(message, stacklevel=user_stacklevel())
     return gm
