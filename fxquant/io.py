@@ -19,6 +19,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from fxquant._text import listing
 from fxquant.graph.meta import SLOTS
 from fxquant.graph.module import preserve
 from fxquant.graph.recipe import Recipe
@@ -247,8 +248,7 @@ class _FloatCheckpointGuard:
         latent = sorted(k for k in self.latent_keys if prefix + k in state_dict)
         if not latent:
             return
-        listed = ", ".join(latent[:5]) + (f", ... ({len(latent) - 5} more)" if len(latent) > 5
-                                         else "")
+        listed = listing(latent, limit=5)
         raise RuntimeError(f"load_state_dict: this state_dict holds float latent weights "
                            f"({listed}) that this converted model stores as packed codes: it is "
                            "a checkpoint of the float or prepared model. Load the float "
