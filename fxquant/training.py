@@ -587,10 +587,9 @@ class _ClipWatch:
         self.warned = True
         for check, (module, _, _) in self.seen.items():
             _remove_hook(module, check)
-        layers = ", ".join(f"{c.layer or c.name!r} (max |w| = {peak:.3g}, window "
-                           f"[-{w:g}, {w:g}])" for c, w, peak in outside[:5])
-        more = f" and {len(outside) - 5} more" if len(outside) > 5 else ""
-        warnings.warn(f"fxquant: latent binary weights of layer(s) {layers}{more} left their "
+        layers = listing((f"{c.layer or c.name!r} (max |w| = {peak:.3g}, window "
+                          f"[-{w:g}, {w:g}])" for c, w, peak in outside), limit=5)
+        warnings.warn(f"fxquant: latent binary weights of layer(s) {layers} left their "
                       "quantizer's straight-through gradient window unclipped; values outside it "
                       "get no gradient and stop flipping sign. Clip them after every "
                       "optimizer.step(): fxquant.training.clip_latent_weights(model), or install "
