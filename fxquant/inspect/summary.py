@@ -265,9 +265,9 @@ def _shape_of(node: object) -> tuple[int, ...] | None:
     return tuple(meta.shape) if isinstance(meta, TensorMetadata) else None
 
 
-def _layer_stats(gm: torch.fx.GraphModule) -> list[tuple[torch.fx.Node, LayerStats]]:
+def _layer_stats(gm: torch.fx.GraphModule, state: dict[str, torch.Tensor]
+                 ) -> list[tuple[torch.fx.Node, LayerStats]]:
     stats = []
-    state = gm.state_dict(keep_vars=True)
     batch = _batch_size(gm.graph)
     for node in gm.graph.nodes:
         record = get_record(node)
@@ -291,7 +291,8 @@ def _layer_stats(gm: torch.fx.GraphModule) -> list[tuple[torch.fx.Node, LayerSta
 
 def layer_stats(gm: torch.fx.GraphModule) -> list[LayerStats]:
     """LayerStats for every weighted layer of a prepared or converted model, in graph order."""
-    return [s for _, s in _layer_stats(_quantized_model(gm, "layer_stats"))]
+    gm = _quantized_model(gm, "layer_stats")
+    return [s for _, s in _layer_stats(gm, gm.state_dict(keep_vars=True))]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,9 +310,9 @@ class _Unit:
     bits: int
 
 
-def _units(gm: torch.fx.GraphModule, converted: bool) -> dict[str, _Unit]:
+def _units(gm: torch.fx.GraphModule, state: dict[str, torch.Tensor], converted: bool
+           ) -> dict[str, _Unit]:
     """state_dict name -> its unit (tied tensors share one)."""
-    state = gm.state_dict(keep_vars=True)
     weight_bits = {}  # prepared: latent weight -> bits of its quantizer (in either mode)
     by_name: dict[str, _Unit] = {}
     for node in [*mode_graph(gm, False).nodes, *mode_graph(gm, True).nodes]:
@@ -446,7 +447,8 @@ def _rows(gm: torch.fx.GraphModule) -> list[_Row]:
     converted = any((r := get_record(n)) is not None and r.role in ("folded_weight",
                                                                      "packed_weight")
                     for n in gm.graph.nodes)
-    claims = _Claims(_units(gm, converted))
+    state = gm.state_dict(keep_vars=True)
+    claims = _Claims(_units(gm, state, converted))
     nodes = list(gm.graph.nodes)
     order = {n: i for i, n in enumerate(nodes)}
     activations = set()
@@ -470,7 +472,7 @@ def _rows(gm: torch.fx.GraphModule) -> list[_Row]:
 
     rows: list[_Row] = []
     layer_rows: dict[str, _Row] = {}
-    for node, s in _layer_stats(gm):  # layers first: their weights, biases and quantizers
+    for node, s in _layer_stats(gm, state):  # layers first: their weights, biases and quantizers
         row = _Row(s.layer, s.op, order[node], f"{s.weight_quantizer} ({s.weight_bits})",
                    f"{s.input_quantizer} ({s.input_bits})", _shape_text(node, batch, False),
                    s.macs, s.mac_bits, layer=True)
