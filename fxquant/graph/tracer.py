@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-import os
 import re
 import traceback
 from collections.abc import Callable, Iterable, Iterator
@@ -19,6 +18,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from fxquant._user_code import is_internal
 from fxquant.graph import attention  # imported before any trace: registers fx.wrap leaves
 from fxquant.graph.module import graft_module_tree
 from fxquant.ops import PackedWeight
@@ -26,8 +26,6 @@ from fxquant.quantizers.base import Quantizer
 
 __all__ = ["QuantTracer", "TracingError", "trace", "trace_modes"]
 
-_TORCH_DIR = os.path.dirname(torch.__file__)
-_FXQUANT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class TracingError(RuntimeError):
@@ -157,9 +155,8 @@ def _user_frame(err: BaseException) -> traceback.FrameSummary | None:
     """The innermost traceback frame that belongs to neither torch nor fxquant."""
     frames = traceback.extract_tb(err.__traceback__)
     for frame in reversed(frames):
-        path = os.path.abspath(frame.filename)
-        if not path.startswith((_TORCH_DIR, _FXQUANT_DIR)) and not frame.filename.startswith("<"):
-            return frame
+        if not frame.filename.startswith("<") and not is_internal(frame.filename):
+            return frame  # (a file, so its line can be shown)
     return None
 
 
@@ -231,7 +228,7 @@ def _called_functions(err: BaseException) -> list[Callable[..., Any]]:
         code, namespace = tb.tb_frame.f_code, tb.tb_frame.f_globals
         fn = namespace.get(code.co_name)
         if (getattr(fn, "__code__", None) is code and code.co_name != "forward"
-                and not os.path.abspath(code.co_filename).startswith((_TORCH_DIR, _FXQUANT_DIR))):
+                and not is_internal(code.co_filename)):
             found.append(fn)
         tb = tb.tb_next
     return found[::-1]

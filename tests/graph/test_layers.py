@@ -378,3 +378,18 @@ class TestFloatLayerReport:
         set_quantizers_enabled(prepared, False)
         x = torch.randn(3, 4)
         assert torch.equal(prepared(x), model(x))
+
+
+def test_the_float_layer_warning_points_at_the_callers_line():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.fc(x)
+
+    model = nn.Sequential(nn.Linear(4, 4), Block(), nn.Linear(4, 4))
+    with pytest.warns(UserWarning, match="stay in float") as caught:
+        fxquant.prepare(model, fxquant.Recipe(weight="ste_sign"), leaf_modules=[Block])
+    assert all(w.filename == __file__ for w in caught if "stay in float" in str(w.message))

@@ -340,3 +340,10 @@ def test_the_warning_names_a_dozen_layers_and_counts_the_rest():
     message = next(str(w.message) for w in caught if "non-negative" in str(w.message))
     assert "30 binary layer(s)" in message and "... (18 more)" in message
     assert len(message) < 2000
+
+
+def test_the_warning_points_at_the_callers_line():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.warns(UserWarning, match="non-negative") as caught:
+        fxquant.prepare(model, fxquant.Recipe(weight="ste_sign", input="ste_sign"))
+    assert all(w.filename == __file__ for w in caught if "non-negative" in str(w.message))

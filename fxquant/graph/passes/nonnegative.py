@@ -52,8 +52,6 @@ rewrite touches are made out of place (the quantizer reads their input).
 from __future__ import annotations
 
 import operator
-import os
-import sys
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -65,6 +63,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxquant._text import listing
+from fxquant._user_code import user_stacklevel
 from fxquant.graph.meta import get_record
 from fxquant.graph.patterns import Submodules, is_batch_norm
 from fxquant.graph.recipe import Recipe
@@ -75,7 +74,6 @@ from fxquant.quantizers.ternary import SteTern
 __all__ = ["NonnegativeInput", "find_nonnegative_inputs", "check_nonnegative_inputs"]
 
 Node = torch.fx.Node
-_FXQUANT_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 Effect = Literal["constant", "loses -1"]
 
 # -- what makes a value non-negative (rules as data) -----------------------------------------
@@ -546,14 +544,6 @@ def _message(found: list[NonnegativeInput], refused: Mapping[str, str]) -> str:
     return "\n".join(lines)
 
 
-def _user_stacklevel() -> int:
-    """The ``stacklevel`` that points a warning at the first caller outside fxquant."""
-    frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_code.co_filename.startswith(_FXQUANT_DIR + os.sep):
-        frame, level = frame.f_back, level + 1
-    return level
-
-
 def check_nonnegative_inputs(gm: torch.fx.GraphModule, recipe: Recipe) -> torch.fx.GraphModule:
     """Warn about, refuse or rewrite sign/ternary input quantizers that read a value >= 0.
 
@@ -581,5 +571,5 @@ def check_nonnegative_inputs(gm: torch.fx.GraphModule, recipe: Recipe) -> torch.
         if not found:
             return gm
     warnings.warn(f"fxquant.prepare: {_message(found, refused)}", UserWarning,
-                  stacklevel=_user_stacklevel())
+                  stacklevel=user_stacklevel())
     return gm
