@@ -17,7 +17,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.utils.weight_norm import WeightNorm
 
 __all__ = ["LayerMatch", "match_layer", "is_batch_norm", "is_activation", "pattern_end",
-           "is_plain_batch_norm",
+           "is_plain_batch_norm", "attribute_reads",
            "layer_arg", "set_layer_arg", "keeps_output_for_backward", "Submodules",
            "FUNCTIONAL_FORM", "layer_form", "not_plain_layer"]
 
@@ -236,3 +236,12 @@ def keeps_output_for_backward(node: torch.fx.Node, modules: Mapping[str, nn.Modu
     if node.op == "call_method":
         return node.target in _OUTPUT_SAVING_METHODS
     return node.op == "call_function" and node.target in _OUTPUT_SAVING_FUNCTIONS
+
+
+def attribute_reads(graph: torch.fx.Graph) -> dict[str, list[torch.fx.Node]]:
+    """The ``get_attr`` nodes of ``graph`` by target, in graph order."""
+    reads: dict[str, list[torch.fx.Node]] = {}
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            reads.setdefault(str(node.target), []).append(node)
+    return reads

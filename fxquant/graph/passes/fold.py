@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from fxquant.graph.meta import QuantRecord, get_record, set_record, update_record
-from fxquant.graph.patterns import is_plain_batch_norm
+from fxquant.graph.patterns import attribute_reads, is_plain_batch_norm
 
 __all__ = ["fold_weight_quantizers", "fold_batch_norm", "FoldedLayer", "reads_only_metadata"]
 
@@ -201,10 +201,7 @@ def fold_batch_norm(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     parameters of the prepared model left with it, so ``summary`` reports the same count.
     """
     calls = Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_module")
-    reads: dict[str, list[torch.fx.Node]] = {}
-    for n in gm.graph.nodes:
-        if n.op == "get_attr":
-            reads.setdefault(str(n.target), []).append(n)
+    reads = attribute_reads(gm.graph)
     lowered: set[str] = set()
     absorbed: dict[str, torch.fx.Node] = {}  # batch norm -> the first layer that absorbed it
     folds: Counter[str] = Counter()

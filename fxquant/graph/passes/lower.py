@@ -16,6 +16,7 @@ from torch import nn
 from fxquant import nn as fxquant_nn
 from fxquant import ops
 from fxquant.graph.meta import get_record, set_record, update_record
+from fxquant.graph.patterns import attribute_reads
 from fxquant.quantizers.base import Quantizer
 
 __all__ = ["restore_plain_layers", "lower_activation_quantizers", "pack_weights",
@@ -110,10 +111,7 @@ def pack_weights(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     Every read of the folded weight, the layer's and any dtype/device/shape read elsewhere in the
     forward, then reads that one call (placed at the first read), so no read is left dangling.
     """
-    reads: dict[str, list[torch.fx.Node]] = {}
-    for node in gm.graph.nodes:
-        if node.op == "get_attr":
-            reads.setdefault(str(node.target), []).append(node)
+    reads = attribute_reads(gm.graph)
     for node in list(gm.graph.nodes):
         record = get_record(node)
         if record is None or record.role != "folded_weight" or record.bits not in ops.packable_bits:
