@@ -444,11 +444,10 @@ class _Claims:
 
 
 def _rows(gm: torch.fx.GraphModule) -> list[_Row]:
-    converted = any((r := get_record(n)) is not None and r.role in ("folded_weight",
-                                                                     "packed_weight")
-                    for n in gm.graph.nodes)
+    from fxquant.api import is_converted  # fxquant.api imports this module
+
     state = gm.state_dict(keep_vars=True)
-    claims = _Claims(_units(gm, state, converted))
+    claims = _Claims(_units(gm, state, is_converted(gm)))
     nodes = list(gm.graph.nodes)
     order = {n: i for i, n in enumerate(nodes)}
     activations = set()
