@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 import warnings
 
 import pytest
@@ -123,6 +124,10 @@ class TestSnapshot:
     def test_example_inputs_given_to_summary_give_the_same_text(self):
         prepared = _prepare(_bnn_cnn(), fxquant.Recipe.bnn())
         assert fxquant.summary(prepared, example_inputs=(torch.randn(3, 1, 8, 8),)) == PREPARED
+
+    def test_docstring_example_is_this_snapshot(self):
+        # summary's docstring shows the same model's table: it must not drift from the oracle
+        assert textwrap.indent(PREPARED, " " * 8) in fxquant.summary.__doc__
 
 
 class TestLarqConv:
