@@ -33,9 +33,7 @@ A complete loop:
 from __future__ import annotations
 
 import math
-import os
 import re
-import sys
 import warnings
 from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any, NamedTuple, Union
@@ -45,6 +43,7 @@ import torch.fx
 from torch import nn
 
 from fxquant._text import listing
+from fxquant._user_code import user_stacklevel
 from fxquant.graph.meta import SLOTS, QuantRecord, get_record
 from fxquant.graph.module import all_nodes
 from fxquant.quantizers.base import Quantizer
@@ -521,22 +520,6 @@ def _gradient_window(module: nn.Module) -> float | None:
     return None
 
 
-_INTERNAL_FILES = (os.path.dirname(torch.__file__) + os.sep,
-                   os.path.dirname(__file__) + os.sep,  # fxquant/
-                   "<eval_with_key>")  # the code of GraphModule.forward
-
-
-def _user_stacklevel() -> int:
-    """The ``stacklevel`` that makes a ``warnings.warn`` in the caller of this function point at
-    the innermost frame outside torch and fxquant (the user's ``model(x)`` line)."""
-    frame = sys._getframe(1)
-    level = 1
-    while frame.f_back is not None and frame.f_code.co_filename.startswith(_INTERNAL_FILES):
-        frame = frame.f_back
-        level += 1
-    return level
-
-
 _MAX_CHECK_INTERVAL = 1024  # optimizer steps between two value checks, once training is long
 
 
@@ -595,7 +578,7 @@ class _ClipWatch:
                       "optimizer.step(): fxquant.training.clip_latent_weights(model), or install "
                       "fxquant.training.LatentWeightClip(model, optimizer) once (larq's "
                       "weight_clip). This warning is given once per model.", UserWarning,
-                      stacklevel=_user_stacklevel())
+                      stacklevel=user_stacklevel())
 
 
 class _ClipCheck:
