@@ -1,0 +1,57 @@
+"""The ``torch.ops.fxquant`` custom ops: packed binary convolution and linear layers.
+
+Registered with :mod:`torch.library` (with fake kernels), so a converted GraphModule's code
+shows ``torch.ops.fxquant.binary_conv2d(...)``, ``torch.export`` keeps the op and its packed
+weights, and ``torch.compile`` treats it as one opaque call. Each op runs the native kernel
+(:mod:`fxquant.kernels._native`) when it can and the plain-PyTorch reference
+(:mod:`fxquant.kernels.reference`) otherwise; both compute the same numbers.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fxquant.kernels import _native, reference
+
+__all__ = ["binary_conv2d", "binary_linear"]
+
+
+def _conv_out(size: int, k: int, s: int, p: int, d: int) -> int:
+    return (size + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+@torch.library.custom_op("fxquant::binary_conv2d", mutates_args=())
+def binary_conv2d(x: Tensor, weight_bits: Tensor, scale: Tensor, bias: Tensor | None,
+                  stride: list[int], padding: list[int], dilation: list[int], groups: int
+                  ) -> Tensor:
+    """``conv2d(sign(x), ±1 weight) * scale + bias`` on packed weight bits (NCHW input)."""
+    native = _native.binary_conv2d(x, weight_bits, scale, bias, stride, padding, dilation, groups)
+    if native is not None:
+        return native
+    return reference.binary_conv2d(x, weight_bits, scale, bias, stride, padding, dilation,
+                                   groups)
+
+
+@binary_conv2d.register_fake
+def _(x: Tensor, weight_bits: Tensor, scale: Tensor, bias: Tensor | None, stride: list[int],
+      padding: list[int], dilation: list[int], groups: int) -> Tensor:
+    kh, kw = weight_bits.shape[1], weight_bits.shape[2]
+    h = _conv_out(x.shape[-2], kh, stride[0], padding[0], dilation[0])
+    w = _conv_out(x.shape[-1], kw, stride[1], padding[1], dilation[1])
+    return x.new_empty((*x.shape[:-3], weight_bits.shape[0], h, w))
+
+
+@torch.library.custom_op("fxquant::binary_linear", mutates_args=())
+def binary_linear(x: Tensor, weight_bits: Tensor, scale: Tensor, bias: Tensor | None
+                  ) -> Tensor:
+    """``linear(sign(x), ±1 weight) * scale + bias`` on packed weight bits."""
+    native = _native.binary_linear(x, weight_bits, scale, bias)
+    if native is not None:
+        return native
+    return reference.binary_linear(x, weight_bits, scale, bias)
+
+
+@binary_linear.register_fake
+def _(x: Tensor, weight_bits: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
+    return x.new_empty((*x.shape[:-1], weight_bits.shape[0]))
