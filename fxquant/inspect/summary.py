@@ -280,6 +280,8 @@ def _layer_stats(gm: torch.fx.GraphModule, state: dict[str, torch.Tensor]
             bias = _param(gm, layer_arg(node, "bias"))
         x = layer_arg(node, "input")
         iq, ibits, _ = _quantizer_of(gm, _through_grid_preserving_ops(gm, x))
+        if record.quantizer:  # lowered to a binary op, which applies its input quantizer
+            iq, ibits = record.quantizer, record.bits
         shape = _shape_of(node)
         bcount = bias.numel() if bias is not None else 0
         macs = (wcount * _output_positions(record.op, shape, batch) if shape is not None
