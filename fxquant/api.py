@@ -13,7 +13,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from fxquant import io, training
+from fxquant import _distributed, io, training
 from fxquant.graph.clone import clone_module
 from fxquant.graph.meta import get_record
 from fxquant.graph.module import merge_modes, mode_graph, preserve
@@ -118,7 +118,7 @@ def _from_fxquant(model: nn.Module) -> bool:
         get_record(n) is not None for n in model.graph.nodes)
 
 
-def convert(prepared: torch.fx.GraphModule) -> torch.fx.GraphModule:
+def convert(prepared: nn.Module) -> torch.fx.GraphModule:
     """Lower a trained prepared model into a small inference GraphModule (``prepared`` untouched).
 
     Runs the LOWER pipeline on an eval-mode copy: weight quantizers are evaluated once and stored
@@ -129,11 +129,20 @@ def convert(prepared: torch.fx.GraphModule) -> torch.fx.GraphModule:
     output is then within a few roundings of exact batch norm (closer than eval-mode batch norm,
     which strays far where a running variance is near 0), so a sign quantizer after it may flip
     (see ``fold_batch_norm``).
+
+    Distributed training: a ``DistributedDataParallel`` (or ``DataParallel``) wrapper is looked
+    through. A model sharded with FSDP2 ``fully_shard`` (its parameters are ``DTensor`` shards,
+    at the root or per block) is gathered first: ``convert`` then is a **collective**, every
+    rank must call it (the shards travel with ``DTensor.full_tensor()``), and each rank gets
+    the same plain single-process converted model with the full weights. An FSDP1
+    ``FullyShardedDataParallel`` wrapper is a TypeError saying to use ``fully_shard``.
     """
+    prepared = _distributed.unwrap(prepared, "convert")
     if not _from_fxquant(prepared):
         raise TypeError("convert expects a GraphModule returned by fxquant.prepare")
     if is_converted(prepared):
         raise ValueError("this model is already converted")
+    prepared = _distributed.gathered(prepared, "convert")  # FSDP2: a plain full copy
     off = [n for n, m in prepared.named_modules() if isinstance(m, Quantizer) and not m.enabled]
     if off:
         raise ValueError(f"convert: quantizers {', '.join(off)} are disabled; enable them with "

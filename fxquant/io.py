@@ -19,6 +19,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from fxquant import _distributed
 from fxquant._text import listing
 from fxquant.graph.meta import SLOTS
 from fxquant.graph.module import preserve
@@ -110,7 +111,7 @@ def options_to_plain(recipe: Recipe, concrete_args: dict[str, Any] | None,
         return {"error": str(err)}
 
 
-def save(gm: torch.fx.GraphModule, path: str | os.PathLike[str]) -> None:
+def save(gm: nn.Module, path: str | os.PathLike[str]) -> None:
     """Write a prepared or converted model to ``path`` (see the module docstring).
 
     Read it back with ``fxquant.load(path, MyNet())`` (a fresh instance of the float model
@@ -120,9 +121,21 @@ def save(gm: torch.fx.GraphModule, path: str | os.PathLike[str]) -> None:
     because since torch 2.6 it reads with ``weights_only=True``. Only for a file you trust,
     ``torch.load(path, weights_only=False)`` runs that pickle; ``fxquant.save`` needs no such
     trust.
+
+    Distributed training: a ``DistributedDataParallel`` (or ``DataParallel``) wrapper is looked
+    through, and a model sharded with FSDP2 ``fully_shard`` has its ``DTensor`` shards gathered
+    (``full_tensor()``), so the file always holds the full model and loads in a single process.
+    While a process group of more than one rank is initialised, **only rank 0 writes**; the
+    other ranks return without touching ``path``, and nothing waits for the write (call
+    ``torch.distributed.barrier()`` after ``save`` before another rank reads the file). An
+    unsharded (DDP) model may be saved from rank 0 alone or from every rank; a sharded one must
+    be saved from every rank, since gathering is a collective (a rank that skips the call
+    leaves the others waiting until the process group's timeout). An FSDP1
+    ``FullyShardedDataParallel`` wrapper is a TypeError saying to use ``fully_shard``.
     """
     from fxquant.api import is_converted
 
+    gm = _distributed.unwrap(gm, "save")
     config = getattr(gm, CONFIG_ATTR, None)
     if config is None:
         raise ValueError("save expects a model returned by fxquant.prepare or fxquant.convert")
@@ -130,10 +143,13 @@ def save(gm: torch.fx.GraphModule, path: str | os.PathLike[str]) -> None:
         raise ValueError(f"this model's recipe cannot be saved: {config['error']}")
     converted = is_converted(gm)
     quantizers = config["quantizers"] if converted else quantizer_configs(gm)
+    state_dict = _distributed.full_state_dict(gm, "save")  # every rank, before the rank test
+    if not _distributed.is_main_rank():
+        return
     torch.save({"format": FORMAT, "version": VERSION, "converted": converted,
                 "options": {k: config[k] for k in ("recipe", "concrete_args", "leaf_modules",
                                                    "leaf_functions") if k in config},
-                "quantizers": quantizers, "state_dict": gm.state_dict()}, path)
+                "quantizers": quantizers, "state_dict": state_dict}, path)
 
 
 def quantizer_configs(gm: nn.Module) -> dict[str, dict[str, Any]]:

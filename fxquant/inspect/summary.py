@@ -32,6 +32,7 @@ from torch import nn
 from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import TensorMetadata
 
+from fxquant._distributed import is_sharded, plain_copy, unwrap
 from fxquant.graph.meta import get_record
 from fxquant.graph.module import mode_graph
 from fxquant.graph.patterns import layer_arg
@@ -68,14 +69,10 @@ class LayerStats:
 # ---------------------------------------------------------------------------------------------
 # model checks and shape recording
 
-_WRAPPERS = (nn.DataParallel, nn.parallel.DistributedDataParallel)
-
-
 def _quantized_model(model: object, caller: str) -> torch.fx.GraphModule:
     """``model`` without DataParallel/DistributedDataParallel wrappers, checked to be a model
     returned by fxquant.prepare or fxquant.convert."""
-    while isinstance(model, _WRAPPERS):
-        model = model.module
+    model = unwrap(model, caller)
     if isinstance(model, torch.fx.GraphModule) and (
             hasattr(model, CONFIG_ATTR) or any(get_record(n) is not None
                                                for n in model.graph.nodes)):
@@ -583,7 +580,10 @@ def summary(model: nn.Module, example_inputs: Sequence[Any] | None = None) -> st
     folded or packed weight counts as its number of weights (as non-trainable constants), and a
     float conv that absorbed a batch norm counts the batch norm's parameters in its row (as
     trainable as the conv's weight); its memory is the bytes its state_dict really holds.
-    DataParallel/DistributedDataParallel wrappers are looked through.
+    DataParallel/DistributedDataParallel wrappers are looked through. A model sharded with FSDP2
+    ``fully_shard`` is counted at its full shapes, and ``example_inputs`` run through a
+    stand-in copy with zero weights of those shapes, so no rank communicates and one rank may
+    call ``summary`` alone.
 
     Example: ``nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4),
     nn.Conv2d(4, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.MaxPool2d(2),
@@ -613,6 +613,9 @@ def summary(model: nn.Module, example_inputs: Sequence[Any] | None = None) -> st
     """  # noqa: E501
     gm = _quantized_model(model, "summary")
     if example_inputs is not None:
+        if is_sharded(gm):  # a stand-in of the full shapes: no communication, any rank alone
+            gm = plain_copy(gm, fill=lambda t: torch.zeros(t.shape, dtype=t.dtype,
+                                                             device=t.device))
         record_shapes(gm, example_inputs)
     rows = _rows(gm)
     precisions = sorted({r.mac_bits for r in rows if r.layer})

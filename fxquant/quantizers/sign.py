@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -40,6 +41,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
+from fxquant._user_code import user_stacklevel
 from fxquant.quantizers._common import (
     Surrogate,
     _binary_sign,
@@ -470,6 +472,8 @@ class SteHeaviside(Quantizer):
 
 _PROGRESSIVE_EPSILON = 1e-7  # bitorch's floor on the divisor 1 - T
 _progressive_sign_scale = 0.0  # the process-wide scale read by ProgressiveSign(use_global_scaling)
+_progressive_sign_scale_set = False  # set in this process? (a new process starts unset)
+_warned_unset_scale = False
 
 
 def set_progressive_sign_scale(value: float) -> None:
@@ -478,9 +482,32 @@ def set_progressive_sign_scale(value: float) -> None:
     It replaces bitorch's ``progressive_sign_config.progressive_sign_scale`` (default 0.0) and is
     read at every forward, so a training loop can anneal all global instances at once, e.g.
     ``set_progressive_sign_scale(epoch / max_epochs)``. ``value`` must be a finite real number.
+
+    The value belongs to this process: a process started by torchrun, ``mp.spawn`` or any other
+    spawn begins at 0.0 whatever its parent set, so every training process (every rank of a
+    distributed run) must set it. A ``ProgressiveSign(use_global_scaling=True)`` that trains in
+    a process where it was never set warns once (``set_progressive_sign_scale(0.0)`` says that
+    0.0 is meant).
     """
-    global _progressive_sign_scale
+    global _progressive_sign_scale, _progressive_sign_scale_set
     _progressive_sign_scale = _check_real(value, "set_progressive_sign_scale", "value")
+    _progressive_sign_scale_set = True
+
+
+def _warn_if_scale_never_set() -> None:
+    """Warn once per process when the global scale is read for training but was never set."""
+    global _warned_unset_scale
+    if _progressive_sign_scale_set or _warned_unset_scale:
+        return
+    _warned_unset_scale = True
+    warnings.warn(f"ProgressiveSign(use_global_scaling=True) trains with the process-wide scale "
+                  f"{_progressive_sign_scale}, which nothing has set in this process (pid "
+                  f"{os.getpid()}): a process started by torchrun, mp.spawn or a launcher does "
+                  "not inherit the scale its parent set. Run "
+                  "fxquant.training.ProgressiveSignScheduler (or set_progressive_sign_scale) in "
+                  "every process that trains, on every rank; call "
+                  "set_progressive_sign_scale(0.0) if scale 0 is meant.",
+                  stacklevel=user_stacklevel())
 
 
 def get_progressive_sign_scale() -> float:
@@ -592,6 +619,8 @@ class ProgressiveSign(Quantizer):
         check_floating(x, "ProgressiveSign")
         if not self.training:
             return ste_sign(x, clip_value=None)
+        if self.use_global_scaling:
+            _warn_if_scale_never_set()
         divisor = max(1.0 - self.transform(self.current_scale), _PROGRESSIVE_EPSILON)
         return _ProgressiveSign.apply(x, divisor)
 

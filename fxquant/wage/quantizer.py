@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from fxquant._distributed import world_size
 from fxquant.quantizers.base import Quantizer, check_floating, register
 from fxquant.quantizers.fixed_point import (
     ROUNDING_MODES,
@@ -66,6 +67,11 @@ def _check_mode(mode: str, who: str, name: str) -> None:
         raise ValueError(f"{who}: {name} must be one of {ROUNDING_MODES}, got {mode!r}")
 
 
+def _check_sync_scale(sync_scale: bool, who: str) -> None:
+    if not isinstance(sync_scale, bool):
+        raise ValueError(f"{who}: sync_scale must be a bool, got {sync_scale!r}")
+
+
 def _check_generator(generator: torch.Generator | None, who: str) -> None:
     if generator is not None and not isinstance(generator, torch.Generator):
         raise ValueError(f"{who}: generator must be a torch.Generator or None, got {generator!r}")
@@ -84,6 +90,7 @@ class _WAGEQuantize(torch.autograd.Function):
         A_mode: str,
         E_mode: str,
         generator: torch.Generator | None,
+        sync_scale: bool = False,
     ) -> torch.Tensor:
         mask = None
         if bits_A == -1:
@@ -93,6 +100,7 @@ class _WAGEQuantize(torch.autograd.Function):
             y, mask = _scaled_round_clamp(x, None, bits_A, bits_A - 1, True, True, A_mode,
                                           generator, want_mask)
         ctx.bits_E, ctx.E_mode, ctx.generator = bits_E, E_mode, generator
+        ctx.sync_scale = sync_scale
         ctx.has_mask = mask is not None
         if mask is not None:
             ctx.save_for_backward(mask)  # 1 byte per element, the only thing saved
@@ -102,11 +110,24 @@ class _WAGEQuantize(torch.autograd.Function):
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         bits_E = ctx.bits_E
         if bits_E == -1:
-            return g, None, None, None, None, None
+            return g, None, None, None, None, None, None
         mask = ctx.saved_tensors[0] if ctx.has_mask else None
-        dx, _ = _scaled_round_clamp(g, _shift_divisor(g), bits_E, bits_E - 1, True, True,
-                                    ctx.E_mode, ctx.generator, False, zero_where=mask)
-        return dx, None, None, None, None, None
+        dx, _ = _scaled_round_clamp(g, _error_divisor(g, ctx.sync_scale), bits_E, bits_E - 1,
+                                    True, True, ctx.E_mode, ctx.generator, False,
+                                    zero_where=mask)
+        return dx, None, None, None, None, None, None
+
+
+def _error_divisor(g: torch.Tensor, sync_scale: bool) -> torch.Tensor:
+    """QE's ``2**ceil(log2(max|g|))``; with ``sync_scale`` under a process group of several
+    ranks, of the largest ``max|g|`` over all ranks (one all-reduce MAX of a float64 scalar,
+    exact for every floating dtype), so each rank scales its part of the batch as one process
+    scales the whole batch."""
+    if not (sync_scale and world_size() > 1):
+        return _shift_divisor(g)
+    biggest = (g.detach().abs().amax() if g.numel() else g.new_zeros(())).to(torch.float64)
+    torch.distributed.all_reduce(biggest, op=torch.distributed.ReduceOp.MAX)
+    return _shift_divisor(biggest.to(g.dtype))
 
 
 def wage_quantize(
@@ -116,6 +137,7 @@ def wage_quantize(
     A_mode: str = "nearest",
     E_mode: str = "nearest",
     generator: torch.Generator | None = None,
+    sync_scale: bool = True,
 ) -> torch.Tensor:
     """Quantize activations forward (QA) and errors backward (QE), as QPyTorch's ``WAGEQuantizer``.
 
@@ -139,17 +161,26 @@ def wage_quantize(
     ``shift``); a NaN anywhere in ``g`` makes the whole gradient NaN (except masked entries, 0).
     ``R`` is ``"nearest"`` (half to even, every device) or ``"stochastic"`` (``floor(v + U[0, 1))``
     drawn from ``generator``, shared by both directions).
+
+    ``sync_scale`` (distributed data parallel training): while a ``torch.distributed`` process
+    group of more than one rank is initialised, ``max|g|`` in ``shift`` is the maximum over
+    all ranks (an all-reduce MAX in the backward), so DDP with nearest ``E_mode`` computes
+    exactly the errors one process computes on the global batch; ``max|g|`` of the local
+    batch alone (``sync_scale=False``) gives each rank its own scale. Without a process group,
+    or with one rank, both are the same. The all-reduce is a collective: every rank must run
+    this backward, as DDP's ranks do.
     """
     check_floating(x, "wage_quantize")
     _check_wage_bits(bits_A, "wage_quantize", "bits_A")
     _check_wage_bits(bits_E, "wage_quantize", "bits_E")
     _check_mode(A_mode, "wage_quantize", "A_mode")
     _check_mode(E_mode, "wage_quantize", "E_mode")
+    _check_sync_scale(sync_scale, "wage_quantize")
     if bits_A == -1 and bits_E == -1:
         return x
     if (bits_A != -1 and A_mode == "stochastic") or (bits_E != -1 and E_mode == "stochastic"):
         _check_generator_device(generator, x, "wage_quantize")
-    return _WAGEQuantize.apply(x, bits_A, bits_E, A_mode, E_mode, generator)
+    return _WAGEQuantize.apply(x, bits_A, bits_E, A_mode, E_mode, generator, sync_scale)
 
 
 class _WAGEWeightQuantize(torch.autograd.Function):
@@ -229,10 +260,12 @@ class _WAGEModule(Quantizer):
         A ``torch.Generator`` is not plain data (and its state is not a setting), so a rebuilt
         quantizer ``type(q)(**q.get_config())`` has ``generator=None`` and draws stochastic noise
         from torch's global generator; outputs are equal wherever no noise is drawn (nearest
-        rounding, or eval mode).
+        rounding, or eval mode). ``sync_scale`` (error quantizers) is stored only when False.
         """
         config = super().get_config()
         del config["generator"]
+        if config.get("sync_scale") is True:  # the default: files stay as they were
+            del config["sync_scale"]
         return config
 
 
@@ -245,6 +278,10 @@ class WAGEQuantizer(_WAGEModule):
     ``WAGEQuantizer(-1, bits_E)`` its final error quantizer (also :class:`WAGEError`). Defaults
     are xbtorch's (8 and 8, nearest; QPyTorch's ``reproduce.sh`` uses ``E_mode="stochastic"``).
     ``bits`` is ``bits_A``, or 32 when ``bits_A == -1`` (the output is then not on a grid).
+
+    ``sync_scale`` (default True): under a ``torch.distributed`` process group of several ranks,
+    the error scale is the maximum over all ranks, so that data-parallel training equals one
+    process on the global batch; see :func:`wage_quantize`. No effect in a single process.
 
     ``generator`` is used for stochastic rounding. A deep copy of the module (e.g. through
     ``fxquant.quantizers.get(instance)``) copies the generator's state, so copies draw the same
@@ -265,22 +302,26 @@ class WAGEQuantizer(_WAGEModule):
         A_mode: str = "nearest",
         E_mode: str = "nearest",
         generator: torch.Generator | None = None,
+        sync_scale: bool = True,
     ) -> None:
         _check_wage_bits(bits_A, "WAGEQuantizer", "bits_A")
         _check_wage_bits(bits_E, "WAGEQuantizer", "bits_E")
         _check_mode(A_mode, "WAGEQuantizer", "A_mode")
         _check_mode(E_mode, "WAGEQuantizer", "E_mode")
         _check_generator(generator, "WAGEQuantizer")
+        _check_sync_scale(sync_scale, "WAGEQuantizer")
         super().__init__(bits=bits_A if bits_A != -1 else 32)
         self.bits_A = bits_A
         self.bits_E = bits_E
         self.A_mode = A_mode
         self.E_mode = E_mode
         self.generator = generator
+        self.sync_scale = sync_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a_mode = self.A_mode if self.training else "nearest"
-        return wage_quantize(x, self.bits_A, self.bits_E, a_mode, self.E_mode, self.generator)
+        return wage_quantize(x, self.bits_A, self.bits_E, a_mode, self.E_mode, self.generator,
+                             self.sync_scale)
 
     def inference(self, x: torch.Tensor) -> torch.Tensor:
         """The eval forward in plain ops: ``clamp(round(x * 2**(b-1)), -hi, hi) * 2**-(b-1)``.
@@ -299,7 +340,7 @@ class WAGEQuantizer(_WAGEModule):
 
     def extra_repr(self) -> str:
         return (f"bits_A={self.bits_A}, bits_E={self.bits_E}, A_mode={self.A_mode!r}, "
-                f"E_mode={self.E_mode!r}")
+                f"E_mode={self.E_mode!r}" + ("" if self.sync_scale else ", sync_scale=False"))
 
 
 @register("wage_error")
@@ -310,6 +351,13 @@ class WAGEError(_WAGEModule):
     1 - sigma)`` with ``sigma = 2**-(bits_E - 1)``; no mask. An all-zero ``g`` gives zeros
     (QPyTorch: NaN). ``bits`` is 32 (the forward is not quantized). The last quantizer of a WAGE
     model (QPyTorch VGG7LP, xbtorch). ``get_config`` drops ``generator``.
+
+    ``shift`` normalises by the largest error of the batch. In data-parallel training each rank
+    sees only its part of the batch, so by default (``sync_scale=True``, while a
+    ``torch.distributed`` process group of more than one rank is initialised) that maximum is
+    all-reduced (MAX) over the ranks in the backward, and DDP with ``mode="nearest"`` equals one
+    process on the global batch; ``sync_scale=False`` keeps each rank's own maximum. No effect
+    in a single process. The all-reduce is a collective: every rank must run the backward.
     """
 
     def __init__(
@@ -317,17 +365,21 @@ class WAGEError(_WAGEModule):
         bits_E: int = 8,
         mode: str = "nearest",
         generator: torch.Generator | None = None,
+        sync_scale: bool = True,
     ) -> None:
         _check_bits(bits_E, "WAGEError", "bits_E")
         _check_mode(mode, "WAGEError", "mode")
         _check_generator(generator, "WAGEError")
+        _check_sync_scale(sync_scale, "WAGEError")
         super().__init__(bits=32)
         self.bits_E = bits_E
         self.mode = mode
         self.generator = generator
+        self.sync_scale = sync_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return wage_quantize(x, -1, self.bits_E, "nearest", self.mode, self.generator)
+        return wage_quantize(x, -1, self.bits_E, "nearest", self.mode, self.generator,
+                             self.sync_scale)
 
     def inference(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: the forward is the identity."""
@@ -338,7 +390,8 @@ class WAGEError(_WAGEModule):
         return True
 
     def extra_repr(self) -> str:
-        return f"bits_E={self.bits_E}, mode={self.mode!r}"
+        return (f"bits_E={self.bits_E}, mode={self.mode!r}"
+                + ("" if self.sync_scale else ", sync_scale=False"))
 
 
 @register("wage_weight")

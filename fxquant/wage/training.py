@@ -34,6 +34,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from fxquant._distributed import world_size
 from fxquant.graph.meta import get_record
 from fxquant.graph.module import all_nodes
 from fxquant.quantizers.fixed_point import ROUNDING_MODES
@@ -192,6 +193,27 @@ def _groups_from_model(prepared: torch.fx.GraphModule, bits_W: int | None
     return groups
 
 
+def _same_on_every_rank(generator: torch.Generator | None, groups: list[dict[str, Any]]
+                        ) -> torch.Generator | None:
+    """``generator`` with rank 0's state on every rank of a process group of several ranks (for
+    None: a new generator seeded from rank 0's ``torch.initial_seed()``); as it is otherwise."""
+    if world_size() == 1:
+        return generator
+    if generator is None:
+        first = next((p for g in groups for p in g["params"]), None)
+        device = first.device if first is not None else torch.device("cpu")
+        seed = [torch.initial_seed()]
+        torch.distributed.broadcast_object_list(seed, src=0)
+        # not the global stream itself: a sub-seed, so rounding noise repeats no init draws
+        master = torch.Generator().manual_seed(seed[0])
+        sub_seed = int(torch.randint(0, 2**62, (), generator=master))
+        return torch.Generator(device=device).manual_seed(sub_seed)
+    state = [generator.get_state()]
+    torch.distributed.broadcast_object_list(state, src=0)
+    generator.set_state(state[0])
+    return generator
+
+
 class WAGEOptimizer(torch.optim.Optimizer):
     """The WAGE update rule (Wu et al., ICLR 2018; QPyTorch ``examples/WAGE``) as an optimizer.
 
@@ -228,6 +250,20 @@ class WAGEOptimizer(torch.optim.Optimizer):
     ``None`` draws from torch's global generator. Its state is saved in ``state_dict()`` under
     ``"generator_state"`` and restored by ``load_state_dict``, so a resumed run draws the same
     numbers.
+
+    **Data-parallel training** (DDP, FSDP2): after the gradient all-reduce every rank holds the
+    same gradients, and each must round them alike or the replicas drift apart. So when the
+    optimizer is built while a ``torch.distributed`` process group of more than one rank is
+    initialised, its rounding generator is made identical on every rank at construction, by
+    broadcasting from rank 0: a given ``generator`` takes rank 0's generator's state (so
+    seeding it on rank 0 is enough; the object stays the caller's), and ``None`` becomes a new
+    generator on the parameters' device, seeded from rank 0's ``torch.initial_seed()`` (then no
+    draw touches torch's global generator, whose stream may differ between ranks). Every rank
+    draws the same numbers from then on, since every rank steps the same parameters in the same
+    order. Constructing the optimizer is then a collective: every rank must construct it. With
+    nearest rounding of the errors (``Recipe.wage(E_mode="nearest")``, the default, whose
+    error quantizers synchronise their scale, see :class:`~fxquant.wage.WAGEError`), training
+    with DDP on ``n`` ranks equals one process on the global batch.
     """
 
     def __init__(
@@ -250,8 +286,8 @@ class WAGEOptimizer(torch.optim.Optimizer):
                 raise TypeError("WAGEOptimizer: pass a model returned by fxquant.prepare, or "
                                 "its parameters")
             params = _groups_from_model(params, bits_W)
-        self.generator = generator
         super().__init__(params, defaults)
+        self.generator = _same_on_every_rank(generator, self.param_groups)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
