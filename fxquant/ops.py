@@ -35,6 +35,10 @@ class CannotPack(ValueError):
     """The tensor has more distinct values than its bit width can index."""
 
 
+_BIT_MASKS = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8)  # bit i of a byte
+_PLACES = torch.tensor([1, 2])  # the values of a 2-bit code's two bits
+
+
 def _codes_per_byte(bits: int) -> int:
     return 8 // bits if bits <= 2 else 1
 
@@ -73,9 +77,11 @@ def unpack(codes: torch.Tensor, table: torch.Tensor, shape: tuple[int, ...], bit
     """Inverse of :func:`pack`: the exact weight of ``shape``."""
     numel = math.prod(shape)
     per_byte = _codes_per_byte(bits)
-    if per_byte > 1:
-        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)
-        codes = ((codes.unsqueeze(1) >> shifts) & (2**bits - 1)).reshape(-1)[:numel]
+    if per_byte > 1:  # bit tests, not shifts: ONNX exporters translate `&` on uint8, not `>>`
+        set_bits = (codes.unsqueeze(1) & _BIT_MASKS.to(codes.device)) != 0  # (bytes, 8)
+        if bits == 2:  # two bits a code, LSB first
+            set_bits = (set_bits.view(-1, per_byte, 2) * _PLACES.to(codes.device)).sum(-1)
+        codes = set_bits.reshape(-1)[:numel]
     if bits == 1:
         flat = codes.view(shape[0], -1).bool()
         return torch.where(flat, table[:, 1:2], table[:, 0:1]).view(shape)
@@ -117,6 +123,9 @@ class PackedWeight(nn.Module):
         module.refresh()
 
     def forward(self) -> torch.Tensor:
+        if torch.compiler.is_exporting() or torch.jit.is_tracing():
+            # torch.export / ONNX: record the unpack, so the program stores the packed codes
+            return unpack(self.codes, self.table, self.shape, self.bits)
         return self.unpacked
 
     def __getstate__(self) -> dict[str, object]:
