@@ -28,8 +28,8 @@ from torch import nn
 
 from fxquant.graph.clone import _clone
 
-__all__ = ["unwrap", "is_sharded", "is_main_rank", "world_size", "plain_copy", "gathered",
-           "full_state_dict"]
+__all__ = ["unwrap", "is_sharded", "is_distributed", "is_main_rank", "world_size", "plain_copy",
+           "gathered", "full_state_dict"]
 
 _WRAPPERS = (nn.DataParallel, nn.parallel.DistributedDataParallel)
 _HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks",
@@ -76,6 +76,19 @@ def is_sharded(model: nn.Module) -> bool:
     """Whether any parameter or buffer of ``model`` is a ``DTensor`` (FSDP2, tensor parallel)."""
     dtensor = _dtensor_type()
     return dtensor is not None and any(isinstance(t, dtensor) for t in _tensors(model))
+
+
+def is_distributed(model: nn.Module) -> bool:
+    """Whether ``model`` is sharded (:func:`is_sharded`) or managed by FSDP2 in any module (a
+    swapped class or distributed hooks, present even while the parameters are unsharded, as
+    FSDP2 leaves the root's after a forward without backward)."""
+    return is_sharded(model) or any(
+        _plain_class(type(m)) is not type(m) or _has_distributed_hooks(m) for m in model.modules())
+
+
+def _has_distributed_hooks(module: nn.Module) -> bool:
+    return any(_from_distributed(h) for name in _HOOK_DICTS
+               for h in (module.__dict__.get(name) or {}).values())
 
 
 def world_size() -> int:
@@ -181,14 +194,17 @@ def plain_copy(model: nn.Module, fill: Callable[[torch.Tensor], torch.Tensor] = 
 
 
 def gathered(model: nn.Module, who: str) -> nn.Module:
-    """``model`` unwrapped; if it is sharded, a :func:`plain_copy` with the full tensors.
+    """``model`` unwrapped; if it is FSDP's (:func:`is_distributed`), a :func:`plain_copy` with
+    the full tensors.
 
-    Not sharded: the very module (no copy). Sharded: a collective, see the module docstring.
+    Otherwise the very module (no copy). Gathering shards is a collective, see the module
+    docstring (an FSDP2 model whose parameters are unsharded at the moment needs none).
     """
     model = unwrap(model, who)
-    if not is_sharded(model):
+    if not is_distributed(model):
         return model
-    _require_group(model, who)
+    if is_sharded(model):
+        _require_group(model, who)
     return plain_copy(model)
 
 

@@ -295,6 +295,11 @@ class ProgressiveSignScheduler:
     ``gm`` without any ProgressiveSign is a ValueError. ``fn`` must return finite real numbers.
     :meth:`state_dict` / :meth:`load_state_dict` save and restore the step count.
 
+    Distributed training (torchrun, ``mp.spawn``): create and step the scheduler on every rank.
+    The global scale is a value of the process, which a started process does not inherit, and
+    a global ``ProgressiveSign`` that trains where it was never set warns once
+    (:func:`~fxquant.quantizers.set_progressive_sign_scale`).
+
     >>> import torch.nn as nn, fxquant
     >>> from fxquant.quantizers import ProgressiveSign, get_progressive_sign_scale
     >>> recipe = fxquant.Recipe(weight=ProgressiveSign(use_global_scaling=False, initial_scale=0.0))

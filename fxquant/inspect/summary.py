@@ -32,7 +32,7 @@ from torch import nn
 from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import TensorMetadata
 
-from fxquant._distributed import is_sharded, plain_copy, unwrap
+from fxquant._distributed import is_distributed, plain_copy, unwrap
 from fxquant.graph.meta import get_record
 from fxquant.graph.module import mode_graph
 from fxquant.graph.patterns import layer_arg
@@ -613,7 +613,7 @@ def summary(model: nn.Module, example_inputs: Sequence[Any] | None = None) -> st
     """  # noqa: E501
     gm = _quantized_model(model, "summary")
     if example_inputs is not None:
-        if is_sharded(gm):  # a stand-in of the full shapes: no communication, any rank alone
+        if is_distributed(gm):  # a stand-in of full shapes: no communication, no FSDP hooks
             gm = plain_copy(gm, fill=lambda t: torch.zeros(t.shape, dtype=t.dtype,
                                                              device=t.device))
         record_shapes(gm, example_inputs)

@@ -83,24 +83,28 @@ def _fsdp_round_trip(rank: int, world_size: int, tmp: str) -> dict:
     model = _fsdp(prepared)
     _train(model, prepared, rank)
     assert _distributed.is_sharded(model)
-    fxquant.save(model, os.path.join(tmp, "fsdp.fxq"))  # a collective: every rank
-    converted = fxquant.convert(model)  # a collective: every rank
-    fxquant.save(converted, os.path.join(tmp, "fsdp_converted.fxq"))
     local = {k: tuple(v.to_local().shape) for k, v in model.state_dict().items()
              if k == "3.weight"}
+    fxquant.save(model, os.path.join(tmp, "fsdp.fxq"))  # a collective: every rank
     x = sample_input()
     model.eval()
-    expected = model(x).detach()  # FSDP's own forward (all-gathers)
+    with torch.no_grad():
+        expected = model(x)  # FSDP's own forward; after it the root stays unsharded
+    unsharded = not _distributed.is_sharded(model)
+    converted = fxquant.convert(model)  # gathers if sharded: every rank calls it
+    fxquant.save(converted, os.path.join(tmp, "fsdp_converted.fxq"))
     model.train()
     _train(model, prepared, rank, steps=1)  # FSDP still trains after convert and save
     return {"eval": expected, "converted": converted(x).detach(), "type": type(converted).__name__,
-            "converted_sharded": _distributed.is_sharded(converted), "local": local,
+            "converted_sharded": _distributed.is_distributed(converted), "local": local,
+            "unsharded": unsharded,
             "modules": sorted({type(m).__module__ for m in converted.modules()})}
 
 
 def test_fsdp_model_is_gathered_for_convert_and_save(ranks, tmp_path):
     rank0, rank1 = ranks.run(_fsdp_round_trip, str(tmp_path))
     assert rank0["local"] == {"3.weight": (8, 16)}  # really sharded: half the rows per rank
+    assert rank0["unsharded"]  # convert met FSDP's unsharded state (plain tensors, its hooks)
     for got in (rank0, rank1):
         assert torch.equal(got["converted"], got["eval"])
         assert not got["converted_sharded"] and not got["type"].startswith("FSDP")
