@@ -28,8 +28,8 @@ from torch import nn
 
 from fxquant.graph.clone import _clone
 
-__all__ = ["unwrap", "is_sharded", "is_distributed", "is_main_rank", "world_size", "plain_copy",
-           "gathered", "full_state_dict"]
+__all__ = ["unwrap", "is_dtensor", "is_sharded", "is_distributed", "is_main_rank", "world_size",
+           "plain_copy", "gathered", "full_state_dict"]
 
 _WRAPPERS = (nn.DataParallel, nn.parallel.DistributedDataParallel)
 _HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks",
@@ -45,6 +45,12 @@ def _dtensor_type() -> type | None:
     """``DTensor``, or None where it was never imported (then no tensor can be one)."""
     module = sys.modules.get("torch.distributed.tensor")
     return getattr(module, "DTensor", None)
+
+
+def is_dtensor(t: object) -> bool:
+    """Whether ``t`` is a ``DTensor`` (a shard of FSDP2 or tensor parallelism)."""
+    dtensor = _dtensor_type()
+    return dtensor is not None and isinstance(t, dtensor)
 
 
 def _is_fsdp1(model: nn.Module) -> bool:

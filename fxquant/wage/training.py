@@ -34,7 +34,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from fxquant._distributed import world_size
+from fxquant._distributed import is_dtensor, world_size
 from fxquant.graph.meta import get_record
 from fxquant.graph.module import all_nodes
 from fxquant.quantizers.fixed_point import ROUNDING_MODES
@@ -214,6 +214,23 @@ def _same_on_every_rank(generator: torch.Generator | None, groups: list[dict[str
     return generator
 
 
+def _update(grad: torch.Tensor, bits_G: int, lr: float, mode: str,  # noqa: N803
+            generator: torch.Generator | None) -> torch.Tensor:
+    """``QG(grad, ...)``; for a ``DTensor`` gradient (FSDP2) that of the whole gradient.
+
+    ``shift`` needs the maximum of the whole gradient and stochastic rounding one draw per
+    element of it, so the gradient is gathered (``full_tensor()``, a collective in the order of
+    the steps), quantized whole with the same draws on every rank, and each rank keeps its own
+    shard: the step of one process, exactly.
+    """
+    if not is_dtensor(grad):
+        return QG(grad, bits_G, lr, mode, generator)
+    from torch.distributed.tensor import distribute_tensor
+
+    whole = QG(grad.full_tensor(), bits_G, lr, mode, generator)
+    return distribute_tensor(whole, grad.device_mesh, grad.placements, src_data_rank=None)
+
+
 class WAGEOptimizer(torch.optim.Optimizer):
     """The WAGE update rule (Wu et al., ICLR 2018; QPyTorch ``examples/WAGE``) as an optimizer.
 
@@ -263,7 +280,9 @@ class WAGEOptimizer(torch.optim.Optimizer):
     order. Constructing the optimizer is then a collective: every rank must construct it. With
     nearest rounding of the errors (``Recipe.wage(E_mode="nearest")``, the default, whose
     error quantizers synchronise their scale, see :class:`~fxquant.wage.WAGEError`), training
-    with DDP on ``n`` ranks equals one process on the global batch.
+    with DDP on ``n`` ranks equals one process on the global batch. Under FSDP2 (``DTensor``
+    parameters) each step gathers every gradient, quantizes it whole and keeps this rank's
+    shard, so FSDP2 equals one process too (at the cost of one full gradient at a time).
     """
 
     def __init__(
@@ -311,7 +330,8 @@ class WAGEOptimizer(torch.optim.Optimizer):
                 if bits_W is not None:
                     p.clamp_(*_clip_bounds(bits_W))
                 if lr > 0:
-                    p.sub_(QG(p.grad, group["bits_G"], lr, group["grad_mode"], self.generator))
+                    p.sub_(_update(p.grad, group["bits_G"], lr, group["grad_mode"],
+                                   self.generator))
         return loss
 
     def state_dict(self) -> dict[str, Any]:

@@ -1,20 +1,22 @@
-"""WAGE under DDP equals WAGE on the global batch (2 gloo ranks against this one process).
+"""WAGE under DDP and FSDP2 equals WAGE on the global batch (2 gloo ranks against this process).
 
 Two things make it so: the error quantizers scale by the largest error over all ranks (an
 all-reduce MAX in their backward, ``sync_scale``), and ``WAGEOptimizer``'s stochastic rounding
-draws the same numbers on every rank (its generator is broadcast from rank 0 at construction).
+draws the same numbers on every rank (its generator is broadcast from rank 0 at construction;
+under FSDP2 it rounds each whole gradient and keeps the rank's shard).
 The oracle is the same run without a process group on the whole batch, and, for the error
 scale alone, QE written out by hand on the concatenated gradient.
 """
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import fxquant
-from fxquant import wage
+from fxquant import _distributed, wage
 
 STEPS = 5
 BATCH = 16
@@ -32,11 +34,18 @@ def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
              torch.randint(0, 4, (BATCH,), generator=gen)) for _ in range(STEPS)]
 
 
-def train_wage(rank: int = 0, world_size: int = 1, optimizer_seed: int = 100) -> dict:
+def train_wage(rank: int = 0, world_size: int = 1, optimizer_seed: int = 100,
+               wrap: str = "ddp") -> dict:
     """QPyTorch-style WAGE (2-8-8-8, stochastic gradient rounding) on this rank's batch share."""
     prepared = fxquant.prepare(make_model(), fxquant.Recipe.wage())
     wage.initialize(prepared, generator=torch.Generator().manual_seed(0))
-    model = nn.parallel.DistributedDataParallel(prepared) if world_size > 1 else prepared
+    model = prepared
+    if world_size > 1 and wrap == "ddp":
+        model = nn.parallel.DistributedDataParallel(prepared)
+    elif world_size > 1:
+        from torch.distributed.fsdp import fully_shard
+
+        model = fully_shard(prepared)  # its parameters become shards: the optimizer comes after
     opt = wage.WAGEOptimizer(prepared, lr=8.0, grad_mode="stochastic",
                              generator=torch.Generator().manual_seed(optimizer_seed))
     for x, y in batches():
@@ -45,16 +54,18 @@ def train_wage(rank: int = 0, world_size: int = 1, optimizer_seed: int = 100) ->
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         opt.step()
-    return {k: v.detach().clone() for k, v in prepared.state_dict().items()}
+    state = _distributed.full_state_dict(prepared, "test")
+    return {k: v.detach().clone() for k, v in state.items()}
 
 
-def _train_rank(rank: int, world_size: int) -> dict:
+def _train_rank(rank: int, world_size: int, wrap: str) -> dict:
     # each rank seeds its optimizer differently: construction gives them all rank 0's stream
-    return train_wage(rank, world_size, optimizer_seed=100 + rank)
+    return train_wage(rank, world_size, optimizer_seed=100 + rank, wrap=wrap)
 
 
-def test_wage_under_ddp_equals_wage_on_the_global_batch_bit_for_bit(ranks):
-    rank0, rank1 = ranks.run(_train_rank)
+@pytest.mark.parametrize("wrap", ["ddp", "fsdp"])
+def test_wage_data_parallel_equals_wage_on_the_global_batch_bit_for_bit(ranks, wrap):
+    rank0, rank1 = ranks.run(_train_rank, wrap)
     alone = train_wage(optimizer_seed=100)
     start = fxquant.prepare(make_model(), fxquant.Recipe.wage())
     wage.initialize(start, generator=torch.Generator().manual_seed(0))
