@@ -202,7 +202,10 @@ class _CompactLinear(torch.autograd.Function):
 
 
 def _compact(x: Tensor, weight: Tensor) -> bool:
-    return is_plus_minus_one(x) and torch.is_grad_enabled() and weight.requires_grad
+    """Whether to take the compact path: not under torch.compile, whose partitioner chooses
+    what backward keeps (and recomputes a sign far cheaper than this path's bookkeeping)."""
+    return (not torch.compiler.is_compiling() and is_plus_minus_one(x)
+            and torch.is_grad_enabled() and weight.requires_grad)
 
 
 def _traced(fn: Callable[..., Tensor], args: tuple[Any, ...]) -> Any:

@@ -35,17 +35,19 @@ from __future__ import annotations
 import math
 import re
 import warnings
+import weakref
 from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any, NamedTuple, Union
 
 import torch
 import torch.fx
+import torch.optim.optimizer as optimizer_hooks
 from torch import nn
 
 from fxquant._text import listing
 from fxquant._user_code import user_stacklevel
 from fxquant.graph.meta import SLOTS, QuantRecord, get_record
-from fxquant.graph.module import all_nodes
+from fxquant.graph.module import all_nodes, preserve
 from fxquant.quantizers.base import Quantizer
 from fxquant.quantizers.sign import (
     ApproxSign,
@@ -526,57 +528,87 @@ def _gradient_window(module: nn.Module) -> float | None:
 
 
 _MAX_CHECK_INTERVAL = 1024  # optimizer steps between two value checks, once training is long
+_WATCH_ATTR = "_fxquant_clip_watch"  # the prepared model's _ClipWatch (kept by copies, pickles)
+_WATCHES: weakref.WeakSet[_ClipWatch] = weakref.WeakSet()  # every live model's watch
+_OPTIMIZER_HOOKS: list[Any] = []  # the two global optimizer hooks, registered once
+
+
+class _Watched(NamedTuple):
+    """A watched binary weight quantizer and where its latent weight lives: ``owner.attr`` is
+    read afresh at every check (a parameter swapped by ``.to()`` or a wrapper is seen)."""
+
+    quantizer: nn.Module
+    owner: nn.Module
+    attr: str
+    label: str  # the layer (or quantizer) name the warning gives
+
+    def latent(self) -> torch.Tensor | None:
+        """The latent weight, if the quantizer is on and the weight is trained."""
+        latent = getattr(self.owner, self.attr, None)
+        if not (isinstance(latent, torch.Tensor) and latent.requires_grad
+                and getattr(self.quantizer, "enabled", True)):
+            return None
+        return latent
 
 
 class _ClipWatch:
-    """State shared by one model's clip checks: whether the warning was given, the optimizer
-    steps seen, the step of the next value check, and for each watched quantizer the latent
-    weight it last read with that weight's version counter (copies and pickles keep only
-    ``warned``: they watch afresh)."""
+    """One model's clip check: the watched quantizers, whether the warning was given, the
+    optimizer steps counted and the step of the next value check. Every live watch is in
+    ``_WATCHES``; copies and pickles keep ``warned`` and the watched modules (theirs, through
+    the copy's memo), and count steps afresh."""
 
-    def __init__(self) -> None:
+    def __init__(self, entries: Iterable[_Watched] = ()) -> None:
+        self.entries = list(entries)
         self.warned = False
         self.steps = 0
         self.next_check = 1
-        self.seen: dict[_ClipCheck, tuple[nn.Module, torch.Tensor, int]] = {}
+        self.due = False
+        _WATCHES.add(self)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"warned": self.warned}
+        return {"warned": self.warned, "entries": self.entries}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__()  # type: ignore[misc]
+        self.__init__(state.get("entries", ()))  # type: ignore[misc]
         self.warned = state["warned"]
 
-    def step(self) -> None:
-        """Count an optimizer step (a watched latent changed in place since the last forward)
-        and check the values after steps 1, 2, 4, 8, ... and then every 1024 steps."""
+    def trained_by(self, params: set[int]) -> bool:
+        """Whether an optimizer holding the parameters ``params`` (ids) updates a watched
+        latent weight."""
+        return any(id(latent) in params for e in self.entries if (latent := e.latent()) is not None)
+
+    def count_step(self) -> None:
+        """Count an optimizer step; a value check is due after steps 1, 2, 4, 8, ... and then
+        every 1024 steps (made at the next step's start, after any clipping by hand)."""
         self.steps += 1
-        for check, (module, latent, _) in list(self.seen.items()):
-            self.seen[check] = (module, latent, latent._version)
         if self.steps >= self.next_check:
             self.next_check = self.steps + min(self.steps, _MAX_CHECK_INTERVAL)
-            self.check()
+            self.due = True
 
     def check(self) -> None:
         """Warn (once) if a watched latent weight has a value outside its quantizer's window."""
-        windowed = [(check, latent, window) for check, (module, latent, _) in self.seen.items()
-                    if (window := _gradient_window(module)) is not None and latent.numel()]
+        windowed = []
+        for entry in self.entries:
+            latent, window = entry.latent(), _gradient_window(entry.quantizer)
+            if latent is not None and window is not None:
+                latent = latent.to_local() if hasattr(latent, "to_local") else latent  # a shard
+                if latent.numel():
+                    windowed.append((entry, latent, window))
         if not windowed:
             return
         with torch.no_grad():  # one reduction per latent, one synchronisation for all of them
             pairs = [torch.stack(torch.aminmax(latent.detach())).float()
                      for _, latent, _ in windowed]
             ends = torch.stack([p.to(pairs[0].device) for p in pairs]).tolist()
-        outside = [(check, window, peak) for (check, _, window), (low, high)
+        outside = [(entry, window, peak) for (entry, _, window), (low, high)
                    in zip(windowed, ends, strict=True)
                    if (peak := max(-low, high)) > window]  # NaN is another problem: False
         if not outside:
             return
         self.warned = True
-        for check, (module, _, _) in self.seen.items():
-            _remove_hook(module, check)
-        layers = listing((f"{c.layer or c.name!r} (max |w| = {peak:.3g}, window "
-                          f"[-{w:g}, {w:g}])" for c, w, peak in outside), limit=5)
+        _WATCHES.discard(self)
+        layers = listing((f"{e.label!r} (max |w| = {peak:.3g}, window [-{w:g}, {w:g}])"
+                          for e, w, peak in outside), limit=5)
         warnings.warn(f"fxquant: latent binary weights of layer(s) {layers} left their "
                       "quantizer's straight-through gradient window unclipped; values outside it "
                       "get no gradient and stop flipping sign. Clip them after every "
@@ -586,85 +618,90 @@ class _ClipWatch:
                       stacklevel=user_stacklevel())
 
 
+def _watches_trained_by(optimizer: torch.optim.Optimizer) -> list[_ClipWatch]:
+    watches = [w for w in list(_WATCHES) if not w.warned and w.entries]
+    if not watches:
+        return []
+    params = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    return [w for w in watches if w.trained_by(params)]
+
+
+@torch.compiler.disable
+def _before_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    """Global optimizer pre-hook: make the value checks that are due. The latent weights are
+    then those the last forward used, after any clipping by hand since the last step."""
+    for watch in _watches_trained_by(optimizer):
+        if watch.due:
+            watch.due = False
+            watch.check()
+
+
+@torch.compiler.disable
+def _after_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    """Global optimizer post-hook: count the step for every model it trained."""
+    for watch in _watches_trained_by(optimizer):
+        watch.count_step()
+
+
+def _hook_optimizers() -> None:
+    if not _OPTIMIZER_HOOKS:
+        _OPTIMIZER_HOOKS.append(optimizer_hooks.register_optimizer_step_pre_hook(_before_step))
+        _OPTIMIZER_HOOKS.append(optimizer_hooks.register_optimizer_step_post_hook(_after_step))
+
+
 class _ClipCheck:
-    """Forward pre-hook on a binary weight quantizer, see :func:`install_clip_warning`."""
+    """The forward pre-hook earlier versions put on quantizers; one unpickled from such a model
+    does nothing (the check now runs from optimizer hooks, see :func:`install_clip_warning`)."""
 
-    layer = ""  # class defaults: hooks pickled before these attributes existed
-    watch: _ClipWatch
-
-    def __init__(self, watch: _ClipWatch, name: str, layer: str = "") -> None:
-        self.watch = watch
-        self.name = name
-        self.layer = layer or name
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        pass
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> None:
-        latent = args[0] if args else None
-        if not (module.training and isinstance(latent, torch.Tensor) and latent.requires_grad
-                and torch.is_grad_enabled()):
-            return
-        watch = self.watch
-        seen = watch.seen.get(self)
-        if seen is not None and seen[1] is latent:
-            if seen[2] == latent._version:  # not changed in place since the last step counted
-                return
-            if not watch.warned:
-                watch.step()  # an optimizer step: the first hook to see it counts it
-            if watch.warned:
-                _remove_hook(module, self)
-            return
-        watch.seen[self] = (module, latent, latent._version)  # first sight: nothing updated yet
-
-
-def _remove_hook(module: nn.Module, hook: object) -> None:
-    for key, value in list(module._forward_pre_hooks.items()):
-        if value is hook:
-            del module._forward_pre_hooks[key]
-            for extra in ("_forward_pre_hooks_with_kwargs", "_forward_pre_hooks_always_called"):
-                getattr(module, extra, {}).pop(key, None)
+        return None
 
 
 def _stop_clip_checks(modules: Iterable[nn.Module]) -> None:
-    for module in modules:
-        for hook in list(module._forward_pre_hooks.values()):
-            if isinstance(hook, _ClipCheck):
-                _remove_hook(module, hook)
+    """Stop watching the quantizers ``modules`` (their latent weights are clipped)."""
+    stopped = {id(m) for m in modules}
+    for watch in list(_WATCHES):
+        watch.entries = [e for e in watch.entries if id(e.quantizer) not in stopped]
 
 
 def install_clip_warning(gm: torch.fx.GraphModule) -> int:
     """Warn once per model when binary latent weights leave their gradient window unclipped;
     return the number of quantizers watched.
 
-    :func:`fxquant.prepare` calls it. It puts a small forward pre-hook on every binary
-    (``bits == 1``) weight quantizer whose surrogate gradient has a window, i.e. is exactly 0
-    where ``abs(w) > c``: ``ste_sign``, ``magnitude_aware_sign`` and ``ste_heaviside`` (``c`` is
-    their ``clip_value``; None means no window, never watched) and ``approx_sign`` (``c = 1``).
+    :func:`fxquant.prepare` calls it. It watches every binary (``bits == 1``) weight quantizer
+    whose surrogate gradient has a window, i.e. is exactly 0 where ``abs(w) > c``: ``ste_sign``,
+    ``magnitude_aware_sign`` and ``ste_heaviside`` (``c`` is their ``clip_value``; None means no
+    window, never watched) and ``approx_sign`` (``c = 1``), when it reads a parameter.
     Quantizers whose gradient has no window, such as ProgressiveSign (identity gradient) and
     ``swish_sign`` (it decays but is never cut off), are not watched: clipping is not what they
     need.
 
-    The check looks at values, not at how they got there. A training-mode forward (grad enabled)
-    that finds a latent weight changed in place since the last one counts an optimizer step;
-    after steps 1, 2, 4, 8, ..., 1024 and then every 1024 steps, that forward computes the
+    The check looks at values, not at how they got there, and runs from two global optimizer
+    hooks (``torch.optim.optimizer.register_optimizer_step_pre_hook`` and ``..._post_hook``),
+    never in the model's forward, so ``torch.compile`` sees nothing of it (no graph break, no
+    recompilation) and compiled models are checked alike. Every ``step()`` of a
+    ``torch.optim.Optimizer`` that updates a watched latent weight is counted; after steps 1, 2,
+    4, 8, ..., 1024 and then every 1024 steps, the *next* ``step()`` starts by computing the
     smallest and largest value of every watched latent weight (one reduction each, one
     host-device synchronisation for the model) and warns if one lies outside its quantizer's
-    window, naming the layers. So clipping by hand after ``optimizer.step()``
-    (``p.clamp_(-1, 1)`` under ``torch.no_grad()``, ``p.data.clamp_(-1, 1)``,
-    :func:`clip_latent_weights`) never warns, nor do forwards before the first step, gradient
-    accumulation (several forwards, one step), eval mode and ``torch.no_grad()``. Cost: a
-    dictionary look-up per hook and forward, the version counters once per step, and the value
-    check ever more rarely (in all about 1% of a training step of a small binary MLP on CPU).
-    :func:`clip_latent_weights` and
-    :class:`LatentWeightClip` remove the hooks of the quantizers they clip, and once the warning
-    is given every hook removes itself. The warning points at the caller's line outside torch
-    and fxquant (the ``model(x)`` of the training loop). An optimizer that writes through
-    ``p.data`` does not bump the version counter and is not checked.
+    window, naming the layers. The values checked are those the forward and backward in between
+    used, so clipping by hand after ``optimizer.step()`` (``p.clamp_(-1, 1)`` under
+    ``torch.no_grad()``, ``p.data.clamp_(-1, 1)``, :func:`clip_latent_weights`) never warns, nor
+    does training that has made fewer than two steps, a disabled quantizer or a frozen latent.
+    :func:`clip_latent_weights` and :class:`LatentWeightClip` stop the watch of the quantizers
+    they clip, and once the warning is given the model is not checked again. The warning points
+    at the caller's line outside torch and fxquant (the ``optimizer.step()`` of the training
+    loop). Optimizers that are not ``torch.optim.Optimizer`` instances are not seen.
 
-    The hooks travel with ``copy.deepcopy`` and pickle (a copy watches afresh, without having
-    warned). Installing twice does not add a second hook.
+    The watch travels with ``copy.deepcopy`` and pickle (a copy counts steps afresh and warns
+    if the original has not). Installing twice watches each quantizer once.
 
     >>> import warnings, torch, torch.nn as nn, fxquant
     >>> gm = fxquant.prepare(nn.Sequential(nn.Linear(2, 2)), fxquant.Recipe(weight="ste_sign"))
-    >>> install_clip_warning(gm)  # prepare has installed it already: no second hook
+    >>> install_clip_warning(gm)  # prepare has installed it already: watched once
     1
     >>> opt = torch.optim.SGD(gm.parameters(), lr=10.0)  # one step throws weights out of [-1, 1]
     >>> with warnings.catch_warnings(record=True) as caught:
@@ -674,17 +711,22 @@ def install_clip_warning(gm: torch.fx.GraphModule) -> int:
     >>> len(caught)
     1
     """
-    watch = _ClipWatch()
-    count = 0
-    for entry in _all_quantizers(gm, "install_clip_warning"):
-        if (entry.record.role != "weight_quantizer" or entry.module.bits != 1
+    watched: dict[str, _Watched] = {}
+    for entry, name, _ in _weight_sources(gm, (1,), "install_clip_warning"):
+        if (entry.record.role != "weight_quantizer" or entry.name in watched
                 or _gradient_window(entry.module) is None):
             continue
-        if not any(isinstance(h, _ClipCheck) for h in entry.module._forward_pre_hooks.values()):
-            entry.module.register_forward_pre_hook(
-                _ClipCheck(watch, entry.name, entry.record.layer))
-        count += 1
-    return count
+        owner, _, attr = name.rpartition(".")
+        watched[entry.name] = _Watched(entry.module, gm.get_submodule(owner), attr,
+                                       entry.record.layer or entry.name)
+    watch = gm.__dict__.get(_WATCH_ATTR)
+    if isinstance(watch, _ClipWatch):
+        watch.entries = list(watched.values())
+    elif watched:
+        preserve(gm, _WATCH_ATTR, _ClipWatch(watched.values()))
+    if watched:
+        _hook_optimizers()
+    return len(watched)
 
 
 def parameter_groups(gm: torch.fx.GraphModule, latent: Mapping[str, Any] | None = None,

@@ -46,10 +46,41 @@ def _check_clip(clip_value: float | None, who: str) -> float | None:
                        allow_inf=True)
 
 
-@functools.cache
+def _largest_power_of_two(dtype: torch.dtype) -> float:
+    return math.ldexp(1.0, math.frexp(torch.finfo(dtype).max)[1] - 1)
+
+
+# The largest power of two of each float dtype, looked up (not cached) so that torch.compile
+# reads a constant instead of tracing a cache wrapper.
+_SATURATING_FACTOR = {dtype: _largest_power_of_two(dtype) for dtype in _SAME_WIDTH_INT}
+
+
 def _saturating_factor(dtype: torch.dtype) -> float:
     """The largest power of two ``B`` of ``dtype``; ``B*B*tiny >= 2`` for its smallest subnormal."""
-    return math.ldexp(1.0, math.frexp(torch.finfo(dtype).max)[1] - 1)
+    factor = _SATURATING_FACTOR.get(dtype)
+    return _largest_power_of_two(dtype) if factor is None else factor
+
+
+def _compiling() -> bool:
+    """Whether torch.compile is tracing this call: then the helpers below write plain,
+    out-of-place ops that compile into fused elementwise kernels (the in-place and integer-view
+    forms are eager-mode speed-ups). Both forms give the same bits."""
+    return torch.compiler.is_compiling()
+
+
+_ROUNDED: dict[tuple[float, torch.dtype], float] = {}
+
+
+@torch.compiler.assume_constant_result
+def _rounded(value: float, dtype: torch.dtype) -> float:
+    """``value`` rounded to ``dtype`` (nearest, as a comparison with a Python number rounds it),
+    as a Python float that every dtype and backend then compares exactly. torch.compile calls it
+    while tracing and keeps the result as a constant (no ``.item()`` in the graph)."""
+    key = (value, dtype)
+    rounded = _ROUNDED.get(key)
+    if rounded is None:
+        rounded = _ROUNDED[key] = torch.tensor(value, dtype=dtype).item()
+    return rounded
 
 
 def _saturate_into(src: Tensor, out: Tensor | None, bias: float | Tensor, low: float) -> Tensor:
@@ -63,9 +94,12 @@ def _saturate_into(src: Tensor, out: Tensor | None, bias: float | Tensor, low: f
     0 -> 0. ``B`` is a power of two, so ``src*B`` is exact (a subnormal becomes normal).
     Three in-place passes (``src*B``, then ``bias + B*that``, then the clamp) replace
     ``torch.where`` (several times slower on CPU) and need no comparison mask; ``bias`` may be a
-    0-dim tensor of ``src``'s dtype.
+    0-dim tensor of ``src``'s dtype. Under torch.compile it is ``clamp(src*B*B + bias, low, 1)``
+    out of place (any rounding of the sum is absorbed by the clamp, so the bits are the same).
     """
     big = _saturating_factor(src.dtype)
+    if _compiling():
+        return torch.clamp(src * big * big + bias, low, 1.0)
     bias_t = bias if isinstance(bias, Tensor) else _constant(bias, src.dtype, src.device)
     out = torch.mul(src, big) if out is None else torch.mul(src, big, out=out)
     torch.add(bias_t, out, alpha=big, out=out)
@@ -129,6 +163,8 @@ def _window(magnitude: Tensor, clip_value: float | None, *,
     """
     if clip_value is None:
         return None
+    if _compiling():
+        return magnitude <= _rounded(clip_value, magnitude.dtype)
     if consume:
         return magnitude.le_(clip_value).to(torch.bool)
     return magnitude.le(clip_value)
@@ -143,9 +179,8 @@ def _select(window: Tensor, grad: Tensor) -> Tensor:
     ``torch.where(window, grad, 0)``.
     """
     as_int = _SAME_WIDTH_INT.get(grad.dtype)
-    if as_int is None:  # an exotic float dtype: fall back to the plain select
-        zero = torch.zeros((), dtype=grad.dtype, device=grad.device)
-        return torch.where(window.to(torch.bool), grad, zero)
+    if as_int is None or _compiling():  # the plain select (an exotic dtype, or compiled)
+        return torch.where(window.to(torch.bool), grad, 0.0)
     return window.to(as_int).mul_(grad.view(as_int)).view(grad.dtype)
 
 
@@ -159,6 +194,8 @@ def _select_in_window(x: Tensor, clip_value: float, grad: Tensor,
     included, the order of the bit patterns is the order of the values), which leaves 0 / 1,
     then multiplied in place by the bits of ``grad``.
     """
+    if _compiling():
+        return torch.where(torch.abs(x) <= _rounded(clip_value, x.dtype), grad, 0.0)
     magnitude = torch.abs(x, out=out) if out is not None else torch.abs(x)
     as_int = _SAME_WIDTH_INT.get(grad.dtype)
     if as_int is None or magnitude.dtype != grad.dtype:
@@ -169,7 +206,8 @@ def _select_in_window(x: Tensor, clip_value: float, grad: Tensor,
 
 @functools.cache
 def _bits_of(value: float, dtype: torch.dtype) -> int:
-    """The bit pattern of ``value`` rounded to ``dtype``, as a signed integer of its width."""
+    """The bit pattern of ``value`` rounded to ``dtype``, as a signed integer of its width
+    (eager mode only: compiled code compares the values, see :func:`_select_in_window`)."""
     return int(torch.tensor(value, dtype=dtype).view(_SAME_WIDTH_INT[dtype]).item())
 
 

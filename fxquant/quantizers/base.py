@@ -79,7 +79,9 @@ class Quantizer(nn.Module):
         if not self.enabled and args and not isinstance(args[0], torch.fx.Proxy):
             return args[0]
         out = super().__call__(*args, **kwargs)
-        if self.plus_minus_one and isinstance(out, torch.Tensor):
+        # The tag serves fxquant.nn's eager layers only; compiled code never reads it.
+        if (self.plus_minus_one and isinstance(out, torch.Tensor)
+                and not torch.compiler.is_compiling()):
             x = args[0] if args else None
             gradient = self.sign_gradient(x) if isinstance(x, torch.Tensor) else None
             # read by fxquant.nn's layers: see mark_plus_minus_one

@@ -34,6 +34,7 @@ import functools
 import math
 import os
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -474,6 +475,7 @@ _PROGRESSIVE_EPSILON = 1e-7  # bitorch's floor on the divisor 1 - T
 _progressive_sign_scale = 0.0  # the process-wide scale read by ProgressiveSign(use_global_scaling)
 _progressive_sign_scale_set = False  # set in this process? (a new process starts unset)
 _warned_unset_scale = False
+_DIVISORS: weakref.WeakSet[_Divisor] = weakref.WeakSet()  # of every live ProgressiveSign
 
 
 def set_progressive_sign_scale(value: float) -> None:
@@ -492,6 +494,9 @@ def set_progressive_sign_scale(value: float) -> None:
     global _progressive_sign_scale, _progressive_sign_scale_set
     _progressive_sign_scale = _check_real(value, "set_progressive_sign_scale", "value")
     _progressive_sign_scale_set = True
+    for divisor in list(_DIVISORS):
+        if divisor.owner.use_global_scaling:
+            divisor.owner._update_divisor()
 
 
 def _warn_if_scale_never_set() -> None:
@@ -530,9 +535,29 @@ def default_transform(scale: float, alpha: float = 4.0, beta: float = 10.0) -> f
         return -math.inf
 
 
+class _Divisor:
+    """The divisor a :class:`ProgressiveSign`'s compiled forward reads, a 0-dim float64 CPU
+    tensor, and its owner. Every copy registers itself in ``_DIVISORS`` (deepcopy, pickle and
+    prepare's module cloner all go through ``__setstate__``), so that
+    :func:`set_progressive_sign_scale` reaches the quantizers of every copy of a model."""
+
+    def __init__(self, owner: ProgressiveSign) -> None:
+        self.owner = owner
+        self.value = 1.0
+        self.tensor = torch.ones((), dtype=torch.float64)
+        _DIVISORS.add(self)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        _DIVISORS.add(self)
+
+
 class _ProgressiveSign(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: FunctionCtx, x: Tensor, divisor: float) -> Tensor:
+    def forward(ctx: FunctionCtx, x: Tensor, divisor: float | Tensor) -> Tensor:
         return torch.div(x, divisor).clamp_(-1.0, 1.0)
 
     @staticmethod
@@ -566,6 +591,11 @@ class ProgressiveSign(Quantizer):
     ``x / divisor`` divides by a Python float exactly as bitorch does, so results are
     bit-identical to bitorch on the same device (on CUDA torch multiplies by the reciprocal, which
     can differ from the CPU result by one ulp).
+
+    Under ``torch.compile`` the divisor is read from a 0-dim float64 tensor (the same quotient,
+    bit for bit), which assigning ``scale`` and :func:`set_progressive_sign_scale` update, so a
+    scheduled scale neither recompiles nor breaks the graph; a changed ``alpha``, ``beta`` or
+    ``custom_transform`` reaches compiled code at the next such update or eager forward.
     """
 
     def __init__(self, use_global_scaling: bool = True, initial_scale: float | None = None,
@@ -590,7 +620,40 @@ class ProgressiveSign(Quantizer):
                                                            minimum=0.0)
         self.beta = 10.0 if beta is None else _check_real(beta, "ProgressiveSign", "beta",
                                                           minimum=0.0)
+        self._divisor = _Divisor(self)  # read by compiled code: see above
         self.scale = 0.0 if self.initial_scale is None else self.initial_scale
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        scale = state.pop("scale", None)  # pickled when scale was a plain attribute
+        super().__setstate__(state)
+        if "_divisor" not in self.__dict__:
+            self._divisor = _Divisor(self)
+            self.scale = 0.0 if scale is None else scale
+
+    @property
+    def scale(self) -> float:
+        """This instance's scale (used without ``use_global_scaling``); a scheduler assigns it."""
+        return self._scale
+
+    @scale.setter
+    def scale(self, value: float) -> None:
+        self._scale = value
+        self._update_divisor()
+
+    def _divisor_of(self, scale: float) -> float:
+        return max(1.0 - self.transform(scale), _PROGRESSIVE_EPSILON)
+
+    def _update_divisor(self) -> None:
+        """Write the current divisor into the tensor compiled code reads (when it changed)."""
+        try:
+            divisor = self._divisor_of(self.current_scale)
+        except (ValueError, TypeError, ArithmeticError):  # the eager forward raises it
+            return
+        if self._divisor.owner is not self:  # a shallow copy: not its original's tensor
+            self._divisor = _Divisor(self)
+        if divisor != self._divisor.value:
+            self._divisor.value = divisor
+            self._divisor.tensor.fill_(divisor)
 
     @property
     def bit_width(self) -> int:
@@ -619,9 +682,13 @@ class ProgressiveSign(Quantizer):
         check_floating(x, "ProgressiveSign")
         if not self.training:
             return ste_sign(x, clip_value=None)
+        if torch.compiler.is_compiling():  # no Python value to specialise on: no recompiles
+            return _ProgressiveSign.apply(x, self._divisor.tensor)
         if self.use_global_scaling:
             _warn_if_scale_never_set()
-        divisor = max(1.0 - self.transform(self.current_scale), _PROGRESSIVE_EPSILON)
+        divisor = self._divisor_of(self.current_scale)
+        if divisor != self._divisor.value:  # e.g. alpha changed: keep compiled code in step
+            self._update_divisor()
         return _ProgressiveSign.apply(x, divisor)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -15,6 +15,7 @@ from fxquant.quantizers._common import (
     _check_clip,
     _check_real,
     _keep_nan,
+    _rounded,
     _saturate_into,
     _select,
     _track_grad,
@@ -55,7 +56,7 @@ class _SteTern(torch.autograd.Function):
             bias: Tensor | float = torch.where(delta.isnan(), delta, torch.zeros_like(delta))
         else:
             # Delta rounded to x's dtype (0.1 -> 0.100000001 in float32), then compared exactly.
-            delta = torch.tensor(threshold, dtype=x.dtype).item()
+            delta = _rounded(threshold, x.dtype)
             bias = 0.0
         out.ge_(delta)  # 1{|x| >= Delta} as 0.0 / 1.0: ties at ±Delta give 1, NaN gives 0
         out.mul_(x)  # x where |x| >= Delta, ±0 elsewhere, NaN where x is NaN
