@@ -10,7 +10,9 @@ test suite's width 16 and at width 64 (the weights then dominate the files' fixe
 * the float model's ``.onnx`` (dynamo exporter, one file), for scale.
 
 Each export is also run and compared with the converted model: ``.pt2`` exactly, onnxruntime up
-to float rounding (the float stem, batch norms and head round in its own order).
+to float rounding (the float stem, batch norms and head round in its own order); onnxruntime's
+batch-1 time of the binary and the float model's file is recorded too (it runs both as float
+convolutions).
 
     python -m benchmarks.export_sizes        # needs pip install "fxquant[onnx]"
 """
@@ -25,15 +27,23 @@ import onnxruntime
 import torch
 
 import fxquant
-from benchmarks.common import write
+from benchmarks.common import timeit, write
 from fxquant.kernels import onnx as fxonnx
 from tests.models import BiRealResNet
 
 
+def _session(path: Path) -> onnxruntime.InferenceSession:
+    return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
 def _onnx_error(path: Path, x: torch.Tensor, expected: torch.Tensor) -> float:
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = torch.from_numpy(session.run(None, {"x": x.numpy()})[0])
+    got = torch.from_numpy(_session(path).run(None, {"x": x.numpy()})[0])
     return float((got - expected).abs().max() / expected.abs().max())
+
+
+def _onnx_seconds(path: Path, x: torch.Tensor) -> float:
+    session, feed = _session(path), {"x": x.numpy()}
+    return timeit(lambda: session.run(None, feed), repeat=10, warmup=2)["median_s"]
 
 
 def _sizes(width: int, tmp: Path) -> dict[str, object]:
@@ -60,7 +70,9 @@ def _sizes(width: int, tmp: Path) -> dict[str, object]:
             "binary_layers": sum(n.endswith("weight_bits") for n, _ in converted.named_buffers()),
             "pt2_equals_converted": pt2_equal,
             "onnx_max_relative_error": {k: _onnx_error(files[k], x, expected)
-                                        for k in ("onnx_dynamo", "onnx_legacy")}}
+                                        for k in ("onnx_dynamo", "onnx_legacy")},
+            "onnxruntime_batch1_median_s": {k: _onnx_seconds(files[k], x)
+                                            for k in ("onnx_dynamo", "float_onnx")}}
 
 
 def main() -> None:

