@@ -94,7 +94,7 @@ def test_prepare_uses_them_for_binary_inputs_and_convert_removes_them():
     assert "fxquant_nn_conv2d(" in prepared.code
     converted = fxquant.convert(prepared.eval())
     assert "fxquant_nn" not in converted.code
-    assert "torch.conv2d(" in converted.code
+    assert "torch.ops.fxquant.binary_conv2d" in converted.code  # sign input, sign weights
 
 
 def test_binary_resnet_saves_less_for_backward():

@@ -12,14 +12,21 @@ packed layout (:mod:`fxquant.kernels.reference`) as buffers ``<layer>.weight_bit
 Exactness: with ±1 weights the op equals ``prepared.eval()`` bit for bit (every partial sum is
 an integer). With ±α weights the prepared float conv rounds a sum of ±α terms in the kernel's
 order while the op rounds ``α·dot`` once (closer to exact); they differ by at most
-``(K + 1)·K·α·2**-24`` for a fan-in ``K`` (each of the at most ``K`` additions rounds a partial
-sum of magnitude ``<= K·α``), measured far below that (see docs/concepts.md).
+``(K + 1)·K·α·u`` for a fan-in ``K`` (``u = 2**-24`` in float32; each of the fewer than ``K``
+additions rounds a partial sum of magnitude ``<= K·α``); measured on random layers: at most
+``2.6·K·α·u`` (see docs/concepts.md).
+
+Every floating dtype is lowered: the graph must not depend on the dtype, since ``fxquant.load``
+rebuilds a converted model from a fresh float32 one before loading a float64 or bfloat16 file.
+Where the native kernels do not run (other dtypes, devices, NaN inputs) the op computes
+``F.conv2d`` on the ±1 sign and the unpacked ±1 weight in the input's dtype: the prepared
+model's computation.
 
 What keeps today's path (``F.conv2d`` on the unpacked weight): a layer with a bias (ATen's
 convolution and ``addmm`` accumulate the bias into the partial sums, so no op computing
 ``dot + b`` can equal it bit for bit), a ``padding="same"`` that pads unevenly, arguments
-computed in the graph, weights other than float32, Conv1d/3d and transposed convolutions,
-ternary or k-bit weights or inputs, a weight the forward reads elsewhere too.
+computed in the graph, Conv1d/3d and transposed convolutions, ternary or k-bit weights or
+inputs, a weight the forward reads elsewhere too (even only its dtype).
 """
 
 from __future__ import annotations
@@ -120,12 +127,12 @@ class _Kinds:
 
 @dataclass(frozen=True)
 class _Plan:
-    """One layer call to lower: its node, the sign's node and raw input, the weight read, the
-    op and its keyword arguments (besides ``scale``)."""
+    """One layer call to lower: its node, its input quantizer's node (whose input, read when
+    rewriting, is the op's), the weight read, the op and its keyword arguments (besides
+    ``scale``)."""
 
     layer: torch.fx.Node
     sign: torch.fx.Node
-    x: torch.fx.Node
     weight: torch.fx.Node
     op: Any
     kwargs: dict[str, Any]
@@ -194,7 +201,7 @@ def _plan(gm: torch.fx.GraphModule, layer: torch.fx.Node, kinds: _Kinds) -> _Pla
     value = getattr(gm.get_submodule(str(weight.target).rpartition(".")[0]),
                     str(weight.target).rpartition(".")[2])
     weight_quantizer = record.quantizer_name("weight")
-    if (value.dtype != torch.float32 or weight_quantizer is None
+    if (not value.is_floating_point() or weight_quantizer is None
             or kinds(gm.get_submodule(str(sign.target))) != "sign"
             or kinds(gm.get_submodule(weight_quantizer)) is None):
         return None
@@ -204,7 +211,7 @@ def _plan(gm: torch.fx.GraphModule, layer: torch.fx.Node, kinds: _Kinds) -> _Pla
         kwargs = _conv_kwargs(layer, value) if value.dim() == 4 else None
     if kwargs is None:
         return None
-    return _Plan(layer, sign, sign.args[0], weight, op, kwargs, sign_record.quantizer)
+    return _Plan(layer, sign, weight, op, kwargs, sign_record.quantizer)
 
 
 class _PackedWeightKeys:
@@ -267,7 +274,7 @@ def _lower(gm: torch.fx.GraphModule, target: str, plans: list[_Plan],
         tensors=(prefix + names[0], prefix + names[1])))
     for plan in plans:
         with gm.graph.inserting_before(plan.layer):
-            call = gm.graph.call_function(plan.op, (plan.x, bits_node),
+            call = gm.graph.call_function(plan.op, (plan.sign.args[0], bits_node),
                                           {"scale": scale_node, "bias": None, **plan.kwargs})
         call.meta.update(plan.layer.meta)  # the layer's record (and recorded shape)
         update_record(call, quantizer=plan.input_quantizer, bits=1)
