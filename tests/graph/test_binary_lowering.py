@@ -332,6 +332,26 @@ class TestMemoryAndFiles:
             converted.load_state_dict(model.state_dict(), strict=False)
         converted.load_state_dict(copy.deepcopy(converted.state_dict()))  # its own: fine
 
+    @pytest.mark.parametrize("copy_of", [copy.deepcopy, lambda m: pickle.loads(pickle.dumps(m))],
+                             ids=["deepcopy", "pickle"])
+    def test_a_weight_of_the_root_module_keeps_the_guard_in_copies(self, copy_of):
+        class Functional(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.weight = nn.Parameter(torch.randn(5, 8))
+
+            def forward(self, x):
+                return F.linear(x, self.weight)
+
+        model = Functional()
+        prepared = _prepare(model, fxquant.Recipe(weight="ste_sign", input="ste_sign"))
+        converted = copy_of(fxquant.convert(prepared))
+        assert list(converted.state_dict()) == ["weight_bits", "weight_scale"]
+        x = _awkward(3, 8)
+        exact(converted(x), F.linear(_sign(x), torch.where(model.weight >= 0, 1.0, -1.0)))
+        with pytest.raises(RuntimeError, match=r"\(weight\).*then convert"):
+            converted.load_state_dict(model.state_dict(), strict=False)
+
     def test_torch_export_keeps_the_op_and_the_packed_bytes(self, tmp_path):
         _, converted = self._converted(width=8)
         x = _awkward(2, 3, 16, 16).nan_to_num(0.0)

@@ -42,6 +42,7 @@ from torch import nn
 
 from fxquant import ops
 from fxquant.graph.meta import QuantRecord, get_record, set_record, update_record
+from fxquant.graph.module import preserve
 from fxquant.graph.patterns import attribute_reads
 from fxquant.kernels import pack_binary_weight, reference
 from fxquant.quantizers.base import Quantizer
@@ -228,8 +229,7 @@ class _PackedWeightKeys:
         self.attr = attr
         self.shape = shape
 
-    def __call__(self, module: nn.Module, state_dict: dict[str, Any], prefix: str,
-                 *args: Any) -> None:
+    def __call__(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         codes, table = f"{prefix}{self.attr}_packed.codes", f"{prefix}{self.attr}_packed.table"
         if codes in state_dict and table in state_dict:
             weight = ops.unpack(state_dict.pop(codes), state_dict.pop(table), self.shape, 1)
@@ -262,7 +262,9 @@ def _lower(gm: torch.fx.GraphModule, target: str, plans: list[_Plan],
     delattr(owner, attr)
     owner.register_buffer(names[0], bits)
     owner.register_buffer(names[1], scale)
-    owner.register_load_state_dict_pre_hook(_PackedWeightKeys(attr, tuple(weight.shape)))
+    owner._register_load_state_dict_pre_hook(_PackedWeightKeys(attr, tuple(weight.shape)))
+    if owner is gm:  # the root's hooks survive copies and pickles only when preserved
+        preserve(gm, "_load_state_dict_pre_hooks", gm._load_state_dict_pre_hooks)
     prefix = f"{owner_path}." if owner_path else ""
     weight_record = get_record(plans[0].weight)
     with gm.graph.inserting_before(reads[0]):
