@@ -16,6 +16,7 @@ True
 from __future__ import annotations
 
 from fxquant.kernels import ops as _ops
+from fxquant.kernels._native import NativeKernelWarning
 from fxquant.kernels._native import available as native_available
 from fxquant.kernels.reference import (
     BinaryWeightError,
@@ -27,4 +28,4 @@ binary_conv2d = _ops.binary_conv2d
 binary_linear = _ops.binary_linear
 
 __all__ = ["pack_binary_weight", "unpack_binary_weight", "binary_conv2d", "binary_linear",
-           "BinaryWeightError", "native_available"]
+           "BinaryWeightError", "native_available", "NativeKernelWarning"]

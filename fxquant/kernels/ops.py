@@ -25,7 +25,10 @@ def _conv_out(size: int, k: int, s: int, p: int, d: int) -> int:
 def binary_conv2d(x: Tensor, weight_bits: Tensor, scale: Tensor, bias: Tensor | None,
                   stride: list[int], padding: list[int], dilation: list[int], groups: int
                   ) -> Tensor:
-    """``conv2d(sign(x), ±1 weight) * scale + bias`` on packed weight bits (NCHW input)."""
+    """``conv2d(sign(x), ±1 weight) * scale + bias`` on packed weight bits (NCHW input).
+
+    Depthwise-like convolutions (fewer than 4 output channels per group) run the reference,
+    which is faster there; see :mod:`fxquant.kernels._native` for every fallback."""
     native = _native.binary_conv2d(x, weight_bits, scale, bias, stride, padding, dilation, groups)
     if native is not None:
         return native
