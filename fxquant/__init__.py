@@ -9,13 +9,14 @@ True
 
 from fxquant import quantizers, training, wage
 from fxquant.api import convert, is_converted, prepare
+from fxquant.graph.blocks import blocks
 from fxquant.graph.meta import QuantRecord
 from fxquant.graph.recipe import Recipe
 from fxquant.graph.tracer import TracingError
 from fxquant.inspect import summary, to_networkx
 from fxquant.io import load, save
 
-__all__ = ["prepare", "convert", "is_converted", "Recipe", "QuantRecord", "TracingError",
+__all__ = ["prepare", "convert", "is_converted", "blocks", "Recipe", "QuantRecord", "TracingError",
            "summary", "to_networkx", "save", "load",
            "quantizers", "training", "wage"]
 __version__ = "0.1.0"

@@ -14,6 +14,7 @@ import torch.fx
 from torch import nn
 
 from fxquant import _distributed, io, training
+from fxquant.graph.blocks import block_paths, split_blocks
 from fxquant.graph.clone import clone_module
 from fxquant.graph.meta import get_record
 from fxquant.graph.module import merge_modes, mode_graph, preserve
@@ -70,7 +71,8 @@ def _unwrap(model: nn.Module) -> nn.Module:
 def prepare(model: nn.Module, recipe: Recipe, *, example_inputs: Sequence[Any] | None = None,
             concrete_args: dict[str, Any] | None = None,
             leaf_modules: Iterable[str | type[nn.Module]] = (),
-            leaf_functions: Iterable[Callable[..., Any]] = ()) -> torch.fx.GraphModule:
+            leaf_functions: Iterable[Callable[..., Any]] = (),
+            blocks: Iterable[str | type[nn.Module]] = ()) -> torch.fx.GraphModule:
     """Trace a copy of ``model`` and insert the quantizers ``recipe`` asks for.
 
     ``model`` is never modified (a DataParallel/DistributedDataParallel wrapper is unwrapped).
@@ -82,6 +84,11 @@ def prepare(model: nn.Module, recipe: Recipe, *, example_inputs: Sequence[Any] |
     on them, each mode gets its own graph (``prepared.graph`` is the current mode's).
     ``example_inputs``, if given, are run once (no grad, train/eval flags and buffers untouched)
     to record output shapes for :func:`fxquant.summary`.
+    ``blocks`` lists module paths (``"layer1.0"``) and/or classes (``BasicBlock``) whose every
+    instance stays a module of its own: a GraphModule at the same path, holding the quantizers
+    of its layers, that the parent graph calls, so per-block tools work on it (FSDP2
+    ``fully_shard``, activation checkpointing, regional ``torch.compile``; find them with
+    :func:`fxquant.blocks`). The model computes exactly what it does without ``blocks``.
 
     The result trains like the float model; its ``state_dict`` keys are the float model's.
     """
@@ -97,18 +104,22 @@ def prepare(model: nn.Module, recipe: Recipe, *, example_inputs: Sequence[Any] |
     if not isinstance(recipe, Recipe):
         raise TypeError(f"prepare expects a fxquant.Recipe, got {type(recipe).__name__}")
     leaf_modules, leaf_functions = list(leaf_modules), list(leaf_functions)
+    blocks = list(blocks)
+    paths = block_paths(_unwrap(model), blocks, leaf_modules)
     with _paused_gc():
         model = clone_module(_unwrap(model))
         traced = trace_modes(model, concrete_args, leaf_modules, DeferredGraphModule,
-                             leaf_functions)
+                             leaf_functions, paths)
         with _once_per_message(len(traced) > 1):  # both modes' passes warn alike
             gm = merge_modes({mode: run(t, PREPARE, recipe) for mode, t in traced.items()},
                              model.training)
-    training.install_clip_warning(gm)
-    preserve(gm, io.CONFIG_ATTR,
-             io.options_to_plain(recipe, concrete_args, leaf_modules, leaf_functions))
     if example_inputs is not None:  # per mode graph, modules in eval mode, state restored
         record_shapes(gm, example_inputs)
+    if paths:
+        split_blocks(gm, paths)
+    training.install_clip_warning(gm)
+    preserve(gm, io.CONFIG_ATTR,
+             io.options_to_plain(recipe, concrete_args, leaf_modules, leaf_functions, blocks))
     return gm
 
 

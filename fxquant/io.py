@@ -100,13 +100,16 @@ def recipe_from_plain(plain: dict[str, Any]) -> Recipe:
 
 
 def options_to_plain(recipe: Recipe, concrete_args: dict[str, Any] | None,
-                     leaf_modules: list[Any], leaf_functions: Sequence[Any] = ()) -> dict[str, Any]:
+                     leaf_modules: list[Any], leaf_functions: Sequence[Any] = (),
+                     blocks: Sequence[Any] = ()) -> dict[str, Any]:
     """What prepare() was called with, as plain data; {"error": why} if it cannot be stored."""
     try:
+        blocks_plain = {"blocks": [x if isinstance(x, str) else _import_path(x)
+                                   for x in blocks]} if blocks else {}
         return {"recipe": recipe_to_plain(recipe), "concrete_args": dict(concrete_args or {}),
                 "leaf_modules": [x if isinstance(x, str) else _import_path(x)
                                  for x in leaf_modules],
-                "leaf_functions": [_import_path(f) for f in leaf_functions]}
+                "leaf_functions": [_import_path(f) for f in leaf_functions], **blocks_plain}
     except (ValueError, NotImplementedError) as err:
         return {"error": str(err)}
 
@@ -148,7 +151,7 @@ def save(gm: nn.Module, path: str | os.PathLike[str]) -> None:
         return
     torch.save({"format": FORMAT, "version": VERSION, "converted": converted,
                 "options": {k: config[k] for k in ("recipe", "concrete_args", "leaf_modules",
-                                                   "leaf_functions") if k in config},
+                                                   "leaf_functions", "blocks") if k in config},
                 "quantizers": quantizers, "state_dict": state_dict}, path)
 
 
@@ -228,7 +231,8 @@ def _rebuild(data: dict[str, Any], model: nn.Module, prepare: Callable[..., Any]
     gm = prepare(model, recipe_from_plain(options["recipe"]),
                  concrete_args=options["concrete_args"] or None,
                  leaf_modules=[x if ":" not in x else _resolve(x) for x in options["leaf_modules"]],
-                 leaf_functions=[_resolve(x) for x in options.get("leaf_functions", [])])
+                 leaf_functions=[_resolve(x) for x in options.get("leaf_functions", [])],
+                 blocks=[x if ":" not in x else _resolve(x) for x in options.get("blocks", [])])
     for name, plain in data["quantizers"].items():  # settings changed after prepare
         parent, _, child = name.rpartition(".")
         setattr(gm.get_submodule(parent), child, get(plain["name"], **plain["config"]))

@@ -95,11 +95,19 @@ def _save(ctx: FunctionCtx, x: Tensor, weight: Tensor, bias: Tensor | None, plan
     ctx.save_for_backward(x if plan.x_gradient is not None else _pack_signs(plan.x), weight)
 
 
+def _saved(ctx: FunctionCtx) -> tuple[Tensor, ...]:
+    """``ctx.saved_tensors``, unpacked once per backward: non-reentrant activation checkpointing
+    (``torch.utils.checkpoint(..., use_reentrant=False)``) allows a single unpack."""
+    if "unpacked" not in ctx.__dict__:
+        ctx.unpacked = ctx.saved_tensors
+    return ctx.unpacked
+
+
 def _rebuild(ctx: FunctionCtx) -> tuple[Tensor, Tensor]:
     """``(x, weight)`` as the forward's kernel used them, rebuilt exactly from what :func:`_save`
     kept, in the dtype it computed in (a cast of ±1 is exact; a plain weight is rounded as
     autocast rounded it)."""
-    x_saved, w_saved = ctx.saved_tensors
+    x_saved, w_saved = _saved(ctx)
     x_grad, w_grad = ctx.gradients
     dtype = ctx.compute_dtype
     if x_grad is not None:
@@ -115,7 +123,7 @@ def _to_inputs(ctx: FunctionCtx, gx: Tensor | None, gw: Tensor | None, gb: Tenso
     cast back does in the plain path), then the quantizers' surrogate gradients applied at the
     saved sources. The rebuilt ``x`` and ``weight`` (no longer needed) serve as their scratch
     buffers when they have the sources' dtype."""
-    x_saved, w_saved = ctx.saved_tensors
+    x_saved, w_saved = _saved(ctx)
     x_grad, w_grad = ctx.gradients
     x_dtype, w_dtype, b_dtype = ctx.input_dtypes
     gx = None if gx is None else gx.to(x_dtype)

@@ -52,7 +52,10 @@ def _clone_tensor(t: torch.Tensor | None, memo: dict[int, Any]) -> torch.Tensor 
 def _clone(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
     if id(module) in memo:
         return memo[id(module)]
-    new = object.__new__(type(module))
+    cls = type(module)
+    if isinstance(module, torch.fx.GraphModule):
+        cls = _own_class(cls)
+    new = object.__new__(cls)
     memo[id(module)] = new
     state = {}
     for key, value in module.__dict__.items():
@@ -70,6 +73,23 @@ def _clone(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
             state[key] = copy.deepcopy(value, memo)
     new.__dict__.update(state)
     return new
+
+
+def _own_class(cls: type) -> type:
+    """A copy of a GraphModule's class (the same bases and attributes): a GraphModule's generated
+    ``forward`` lives on its class, and a copy that generates its code again (switching train/eval
+    graphs) must not rewrite the original's. A class that ``fully_shard`` derived from it,
+    ``FSDP<class>(FSDPModule, class)``, is copied over a copy of that class."""
+    def copy_of(c: type, bases: tuple[type, ...]) -> type:
+        body = {k: v for k, v in vars(c).items() if k not in ("__dict__", "__weakref__")}
+        return type(c.__name__, bases, {**body, "__qualname__": c.__qualname__})
+
+    impl = next((c for c in cls.__mro__ if c.__qualname__.endswith("GraphModuleImpl")), None)
+    if impl is None:
+        return cls
+    own = copy_of(impl, impl.__bases__)
+    return own if cls is impl else copy_of(cls, tuple(own if b is impl else b
+                                                       for b in cls.__bases__))
 
 
 def clone_module(module: nn.Module) -> nn.Module:

@@ -16,12 +16,13 @@ import torch.fx
 from fxquant.quantizers.base import Quantizer
 
 __all__ = ["META_KEY", "Role", "Slot", "SLOTS", "QuantSpec", "QuantRecord", "get_record",
-           "set_record", "update_record"]
+           "set_record", "update_record", "BLOCK_KEY", "BlockCall"]
 
 META_KEY = "fxquant"
+BLOCK_KEY = "fxquant_block"  # traced nodes, while prepare(..., blocks=...) runs: a BlockCall
 
 Role = Literal["layer", "weight_quantizer", "input_quantizer", "output_quantizer",
-               "error_quantizer", "folded_weight", "packed_weight"]
+               "error_quantizer", "folded_weight", "packed_weight", "block"]
 Slot = Literal["weight", "input", "output", "error"]
 SLOTS: tuple[Slot, ...] = ("weight", "input", "output", "error")
 
@@ -41,7 +42,9 @@ class QuantRecord:
     """Facts about one node.
 
     ``role``: "layer" for a weighted layer, ``<slot>_quantizer`` for an inserted quantizer,
-    "folded_weight" / "packed_weight" for a weight constant after convert's folding / packing.
+    "folded_weight" / "packed_weight" for a weight constant after convert's folding / packing,
+    "block" for the call of a block prepared as its own GraphModule (``layer``: its path,
+    ``op``: the class it was; see :mod:`fxquant.graph.blocks`).
     ``layer``: the qualified path of the layer (its module path, or for a functional call the
     path of its weight without ``.weight``). ``op``: the layer kind ("linear", "conv2d", ...).
     ``module``: the module that owns the layer's parameters ("" when it has none).
@@ -72,6 +75,17 @@ class QuantRecord:
 
     def quantizer_name(self, slot: Slot) -> str | None:
         return dict(self.quantizers).get(slot)
+
+
+@dataclass(frozen=True)
+class BlockCall:
+    """Where the tracer was when it created a node: in the ``call``-th call (from 0) of the block
+    at ``path`` ("" outside every block); ``node`` is the node's name then, so a copy that a pass
+    makes later (a new name, the same meta) is not mistaken for the traced node."""
+
+    path: str
+    call: int
+    node: str
 
 
 def get_record(node: torch.fx.Node) -> QuantRecord | None:

@@ -205,8 +205,12 @@ def preserve(gm: torch.fx.GraphModule, name: str, value: Any) -> None:
 
 
 def all_nodes(gm: torch.fx.GraphModule) -> Iterator[torch.fx.Node]:
-    """The nodes of ``gm``'s active graph, then those of its other mode's graph, if any."""
-    yield from gm.graph.nodes
-    for graph in (gm.__dict__.get(MODE_GRAPHS) or {}).values():
-        if graph is not gm.graph:
-            yield from graph.nodes
+    """The nodes of ``gm``'s active graph, then those of its other mode's graph, if any; for a
+    model prepared with blocks, of its flat graphs (:func:`fxquant.graph.blocks.flat_graphs`:
+    copies whose targets are full paths from ``gm``)."""
+    from fxquant.graph.blocks import flat_graphs  # (blocks builds on this module)
+
+    graphs = flat_graphs(gm)
+    yield from graphs[gm.training].nodes
+    if graphs[not gm.training] is not graphs[gm.training]:
+        yield from graphs[not gm.training].nodes

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch.fx
 
+from fxquant.graph.blocks import inline_blocks
 from fxquant.graph.module import QuantGraphModule
 from fxquant.graph.passes import (
     annotate_layers,
@@ -42,6 +43,7 @@ PREPARE: tuple[Pass, ...] = (
 )
 
 LOWER: tuple[Pass, ...] = (
+    inline_blocks,
     restore_plain_layers,
     fold_weight_quantizers,
     fold_batch_norm,

@@ -20,6 +20,7 @@ from torch import nn
 
 from fxquant._user_code import is_internal
 from fxquant.graph import attention  # imported before any trace: registers fx.wrap leaves
+from fxquant.graph.meta import BLOCK_KEY, BlockCall
 from fxquant.graph.module import graft_module_tree
 from fxquant.ops import PackedWeight
 from fxquant.quantizers.base import Quantizer
@@ -36,10 +37,14 @@ class QuantTracer(torch.fx.Tracer):
     """A ``torch.fx.Tracer`` for which fxquant quantizers and chosen modules are leaves.
 
     ``leaf_modules`` holds qualified module paths (``"backbone.head"``) and/or module classes.
+    ``blocks`` holds module paths (checked by :func:`fxquant.graph.blocks.block_paths`): every
+    node the tracer creates then carries a :class:`~fxquant.graph.meta.BlockCall` at
+    ``node.meta[BLOCK_KEY]`` saying which block call (the outermost) created it.
     """
 
     def __init__(self, leaf_modules: Iterable[str | type[nn.Module]] = (),
-                 leaf_functions: Iterable[Callable[..., Any]] = ()) -> None:
+                 leaf_functions: Iterable[Callable[..., Any]] = (),
+                 blocks: frozenset[str] = frozenset()) -> None:
         functions = tuple(leaf_functions)
         bad_functions = [f for f in functions if not callable(f)]
         if bad_functions:
@@ -58,6 +63,9 @@ class QuantTracer(torch.fx.Tracer):
         self._paths: list[str] = []
         self.failed_path: str | None = None
         self.mode_branches: list[str] = []  # where Python control flow read ``training``
+        self.blocks = blocks
+        self._block = ("", 0)  # (path, call) of the block call being traced ("" outside)
+        self._block_calls: dict[str, int] = {}
 
     def trace(self, root: nn.Module | Callable[..., Any],
               concrete_args: dict[str, Any] | None = None) -> torch.fx.Graph:
@@ -69,6 +77,7 @@ class QuantTracer(torch.fx.Tracer):
         in :attr:`mode_branches` (:func:`trace_modes` then traces the other mode too).
         """
         self.mode_branches = []
+        self._block, self._block_calls = ("", 0), {}
         with _reading_training(self), attention.composite_attention():
             graph = super().trace(root, concrete_args)
         for node in reversed(graph.nodes):  # reads only used by Python control flow
@@ -113,6 +122,10 @@ class QuantTracer(torch.fx.Tracer):
             if isinstance(m, (nn.TransformerEncoder, nn.TransformerDecoder)):
                 forward = functools.partial(_layer_stack, m)
         self._paths.append(path)
+        outer = self._block
+        if path in self.blocks and not outer[0]:
+            self._block = (path, self._block_calls.get(path, 0))
+            self._block_calls[path] = self._block[1] + 1
         try:
             return super().call_module(m, forward, args, kwargs)
         except Exception:
@@ -121,6 +134,13 @@ class QuantTracer(torch.fx.Tracer):
             raise
         finally:
             self._paths.pop()
+            self._block = outer
+
+    def create_node(self, *args: Any, **kwargs: Any) -> torch.fx.Node:
+        node = super().create_node(*args, **kwargs)
+        if self.blocks:
+            node.meta[BLOCK_KEY] = BlockCall(*self._block, node.name)
+        return node
 
 
 # torch.nn transformer layers are FX leaves by default; fxquant traces through them so their
@@ -288,24 +308,24 @@ def trace(model: nn.Module, concrete_args: dict[str, Any] | None = None,
           leaf_functions: Iterable[Callable[..., Any]] = ()) -> torch.fx.GraphModule:
     """Trace ``model`` (not copied: the GraphModule shares its submodules) into a GraphModule
     of ``graph_module_class`` in its current train/eval mode (see :func:`trace_modes`)."""
-    leaves = _Leaves(list(leaf_modules), list(leaf_functions))
+    leaves = _Leaves(list(leaf_modules), list(leaf_functions), frozenset())
     return _trace(model, concrete_args, leaves, graph_module_class)[0]
 
 
 def trace_modes(model: nn.Module, concrete_args: dict[str, Any] | None = None,
                 leaf_modules: Iterable[str | type[nn.Module]] = (),
                 graph_module_class: type[torch.fx.GraphModule] = torch.fx.GraphModule,
-                leaf_functions: Iterable[Callable[..., Any]] = ()
-                ) -> dict[bool, torch.fx.GraphModule]:
+                leaf_functions: Iterable[Callable[..., Any]] = (),
+                blocks: frozenset[str] = frozenset()) -> dict[bool, torch.fx.GraphModule]:
     """Trace ``model`` once per train/eval mode its control flow depends on.
 
     Returns ``{model.training: gm}`` when Python control flow never branched on a ``training``
     flag, or when the other mode gives the same graph; otherwise ``{True: gm_train,
     False: gm_eval}`` (the model is traced in the other mode, then put back in its own).
     ``leaf_functions`` are called as they are (``torch.fx``'s ``autowrap_functions``: functions
-    called by name from the modules of traced code).
+    called by name from the modules of traced code). ``blocks``: see :class:`QuantTracer`.
     """
-    leaves = _Leaves(list(leaf_modules), list(leaf_functions))
+    leaves = _Leaves(list(leaf_modules), list(leaf_functions), blocks)
     mode = model.training
     gm, branches = _trace(model, concrete_args, leaves, graph_module_class)
     if not branches:
@@ -323,6 +343,7 @@ def trace_modes(model: nn.Module, concrete_args: dict[str, Any] | None = None,
 class _Leaves(NamedTuple):
     modules: list[str | type[nn.Module]]
     functions: list[Callable[..., Any]]
+    blocks: frozenset[str]
 
 
 def _same_graph(a: torch.fx.Graph, b: torch.fx.Graph) -> bool:
@@ -356,7 +377,7 @@ def _trace(model: nn.Module, concrete_args: dict[str, Any] | None,
             else "the top-level forward"
         frame = _user_frame(err)
         line = f" at {frame.filename}:{frame.lineno}: `{frame.line}`" if frame else ""
-        advice = _advice(model, err, tracer, concrete_args, *leaves)
+        advice = _advice(model, err, tracer, concrete_args, leaves.modules, leaves.functions)
         raise TracingError(
             f"fxquant could not trace {type(model).__name__}: {module}{line} failed with "
             f"{type(err).__name__}: {err}\n{advice}"

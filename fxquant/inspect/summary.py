@@ -33,6 +33,7 @@ from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import TensorMetadata
 
 from fxquant._distributed import is_distributed, plain_copy, unwrap
+from fxquant.graph.blocks import flat_view
 from fxquant.graph.meta import get_record
 from fxquant.graph.module import mode_graph
 from fxquant.graph.patterns import layer_arg
@@ -76,7 +77,7 @@ def _quantized_model(model: object, caller: str) -> torch.fx.GraphModule:
     if isinstance(model, torch.fx.GraphModule) and (
             hasattr(model, CONFIG_ATTR) or any(get_record(n) is not None
                                                for n in model.graph.nodes)):
-        return model
+        return flat_view(model)  # blocks inlined: every layer in one graph
     raise TypeError(f"{caller} expects a model returned by fxquant.prepare or fxquant.convert, "
                     f"got {type(model).__name__}; call fxquant.prepare(model, recipe) first")
 

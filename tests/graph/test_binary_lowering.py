@@ -103,14 +103,15 @@ class TestConv2d:
         converted.graph.lint()
         (call,) = _binary_calls(converted)
         assert not any(isinstance(m, PackedWeight) for m in converted.modules())
-        x = _awkward(2, cin, 9, 8)
-        padded = x if mode == "zeros" else F.pad(x, model.conv._reversed_padding_repeated_twice,
-                                                 mode=mode)
-        expected = F.conv2d(_sign(padded).double(), torch.sign(model.conv.weight).double()
-                            .where(model.conv.weight != 0, 1.0), None, s,
-                            p if mode == "zeros" else 0, d, g).float()
-        exact(converted(x), expected)
-        exact(converted(x), prepared.eval()(x))
+        awkward = _awkward(2, cin, 9, 8)
+        for x in (awkward, awkward.nan_to_num(0.0, math.inf, -math.inf)):  # NaN: another path
+            padded = x if mode == "zeros" else F.pad(
+                x, model.conv._reversed_padding_repeated_twice, mode=mode)
+            expected = F.conv2d(_sign(padded).double(), torch.sign(model.conv.weight).double()
+                                .where(model.conv.weight != 0, 1.0), None, s,
+                                p if mode == "zeros" else 0, d, g).float()
+            exact(converted(x), expected)
+            exact(converted(x), prepared.eval()(x))
 
     @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
     def test_other_dtypes_are_lowered_too_and_stay_exact(self, dtype):
@@ -149,10 +150,11 @@ class TestLinear:
         converted = fxquant.convert(prepared)
         (call,) = _binary_calls(converted)
         assert call.target is torch.ops.fxquant.binary_linear.default
-        x = _awkward(*shape)
         weight = torch.where(model[0].weight >= 0, 1.0, -1.0)
-        exact(converted(x), F.linear(_sign(x).double(), weight.double()).float())
-        exact(converted(x), prepared.eval()(x))
+        awkward = _awkward(*shape)
+        for x in (awkward, awkward.nan_to_num(0.0, math.inf, -math.inf)):  # NaN: another path
+            exact(converted(x), F.linear(_sign(x).double(), weight.double()).float())
+            exact(converted(x), prepared.eval()(x))
 
 
 class TestScaledWeights:
@@ -177,12 +179,13 @@ class TestScaledWeights:
         w = model[0].weight
         alpha = w.abs().flatten(1).mean(1)  # magnitude_aware_sign's α, per output channel
         view = (-1,) if w.dim() == 2 else (-1, 1, 1)
-        x = _awkward(*shape)
-        dot = fn(_sign(x).double(), torch.where(w >= 0, 1.0, -1.0).double())
-        exact(converted(x), (dot * alpha.double().view(view)).float())
         fan_in = w[0].numel()
-        diff = (converted(x) - prepared.eval()(x)).abs().nan_to_num(0.0)
-        assert (diff <= (fan_in + 1) * fan_in * alpha.view(view) * U).all()
+        awkward = _awkward(*shape)
+        for x in (awkward, awkward.nan_to_num(0.0, math.inf, -math.inf)):  # NaN: another path
+            dot = fn(_sign(x).double(), torch.where(w >= 0, 1.0, -1.0).double())
+            exact(converted(x), (dot * alpha.double().view(view)).float())
+            diff = (converted(x) - prepared.eval()(x)).abs().nan_to_num(0.0)
+            assert (diff <= (fan_in + 1) * fan_in * alpha.view(view) * U).all()
 
     def test_bireal_recipe_with_batch_norm_stays_close(self):
         model = _with_statistics(BiRealResNet((1, 1, 1, 1), width=8))
