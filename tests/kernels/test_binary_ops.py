@@ -298,6 +298,17 @@ class TestFallback:
         assert _native.isa() is None
 
 
+def test_ninja_from_the_wheel_or_the_venv_is_put_on_path_when_missing(monkeypatch):
+    import os
+    import sys
+
+    monkeypatch.setattr(_native.shutil, "which", lambda name: None)
+    monkeypatch.setenv("PATH", "/nowhere")
+    with _native._ninja_on_path():
+        assert os.path.dirname(sys.executable) in os.environ["PATH"].split(os.pathsep)
+    assert os.environ["PATH"] == "/nowhere"
+
+
 class TestCompileAndExport:
     class Net(torch.nn.Module):
         def __init__(self):
