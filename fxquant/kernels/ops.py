@@ -58,3 +58,35 @@ def binary_linear(x: Tensor, weight_bits: Tensor, scale: Tensor, bias: Tensor | 
 @binary_linear.register_fake
 def _(x: Tensor, weight_bits: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
     return x.new_empty((*x.shape[:-1], weight_bits.shape[0]))
+
+
+# Gradients. The sign of the input is piecewise constant, so the gradient reaching ``x`` is
+# zero, as in the plain ops the converted graph held before (``torch.where`` on a comparison).
+# ``scale`` and ``bias`` are buffers in converted models, but a caller may train them (e.g.
+# fine-tuning a converted head): their gradients are the exact ones. ``weight_bits`` is integer.
+
+def _setup(ctx: object, inputs: tuple[object, ...], output: Tensor) -> None:
+    x, weight_bits, scale = inputs[0], inputs[1], inputs[2]
+    ctx.save_for_backward(x, weight_bits, scale)  # type: ignore[attr-defined]
+    ctx.rest = inputs[4:]  # type: ignore[attr-defined]  # stride, padding, dilation, groups
+
+
+def _backward(op: object, channel_dim: int, ctx: object, grad: Tensor
+              ) -> tuple[Tensor | None, ...]:
+    x, weight_bits, scale = ctx.saved_tensors  # type: ignore[attr-defined]
+    needs = ctx.needs_input_grad  # type: ignore[attr-defined]
+    reduce_dims = [d for d in range(grad.dim()) if d != grad.dim() + channel_dim]
+    grad_scale = grad_bias = None
+    if needs[2]:
+        dot = op(x, weight_bits, torch.ones_like(scale), None, *ctx.rest)  # type: ignore
+        grad_scale = (grad * dot).sum(reduce_dims).to(scale.dtype)
+    if needs[3]:
+        grad_bias = grad.sum(reduce_dims)
+    return (torch.zeros_like(x) if needs[0] else None, None, grad_scale, grad_bias,
+            *([None] * len(ctx.rest)))  # type: ignore[attr-defined]
+
+
+binary_conv2d.register_autograd(
+    lambda ctx, grad: _backward(binary_conv2d, -3, ctx, grad), setup_context=_setup)
+binary_linear.register_autograd(
+    lambda ctx, grad: _backward(binary_linear, -1, ctx, grad), setup_context=_setup)
