@@ -26,12 +26,15 @@ import copy
 import difflib
 import functools
 import operator
+import warnings
 from collections.abc import Callable, Iterable
 
 import torch
 import torch.fx
 from torch import nn
 
+from fxquant._text import listing
+from fxquant._user_code import user_stacklevel
 from fxquant.graph.meta import BLOCK_KEY, QuantRecord, get_record, set_record, update_record
 from fxquant.graph.module import (
     PRESERVED,
@@ -257,6 +260,11 @@ def split_blocks(gm: QuantGraphModule, paths: frozenset[str]) -> QuantGraphModul
                 block = gm.get_submodule(str(node.target))
                 set_record(node, QuantRecord("block", str(node.target), type(block).__name__,
                                              str(node.target)))
+    idle = sorted(paths - set(cut))
+    if idle:
+        warnings.warn(f"prepare: blocks {listing(idle)} are never called by the model's forward "
+                      "(in train or eval mode), so they stay plain modules, neither prepared "
+                      "nor GraphModules", stacklevel=user_stacklevel())
     for path, subs in cut.items():
         _install(gm, path, subs, {root: local for root, (p, local) in moved.items() if p == path})
     for root in moved:

@@ -398,3 +398,20 @@ def test_parent_reads_among_block_nodes_are_moved_after_the_call():
     blocked, _ = _prepare(model, recipe, blocks=[Early])
     _graphs(blocked)
     _assert_same_model(flat, blocked, x)
+
+
+def test_a_block_the_forward_never_calls_is_named_in_a_warning():
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4))
+            self.spare = nn.Sequential(nn.Linear(4, 4))
+
+        def forward(self, x):
+            return self.used(x)
+
+    with pytest.warns(UserWarning, match=r"blocks spare are never called") as record:
+        prepared = fxquant.prepare(Model(), fxquant.Recipe.bnn(), blocks=["used", "spare"])
+    assert record[0].filename == __file__
+    assert isinstance(prepared.used, torch.fx.GraphModule)
+    assert type(prepared.spare) is nn.Sequential
