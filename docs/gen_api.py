@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 MODULES = ["fxquant", "fxquant.quantizers", "fxquant.wage", "fxquant.training", "fxquant.inspect",
-           "fxquant.io", "fxquant.ops", "fxquant.nn", "fxquant.graph.recipe",
+           "fxquant.io", "fxquant.config", "fxquant.ops", "fxquant.kernels", "fxquant.nn", "fxquant.graph.recipe",
            "fxquant.graph.meta", "fxquant.graph.tracer", "fxquant.graph.pipeline",
            "fxquant.graph.passes"]
 

@@ -13,11 +13,13 @@ import torch
 import torch.fx
 from torch import nn
 
-from fxquant import _distributed, io, training
+from fxquant import _distributed, training
+from fxquant import config as plain_config
 from fxquant.graph.blocks import block_paths, split_blocks
 from fxquant.graph.clone import clone_module
 from fxquant.graph.meta import get_record
 from fxquant.graph.module import merge_modes, mode_graph, preserve
+from fxquant.graph.passes.lower import guard_float_checkpoints
 from fxquant.graph.pipeline import LOWER, PREPARE, DeferredGraphModule, run
 from fxquant.graph.recipe import Recipe
 from fxquant.graph.tracer import trace_modes
@@ -118,8 +120,9 @@ def prepare(model: nn.Module, recipe: Recipe, *, example_inputs: Sequence[Any] |
     if paths:
         split_blocks(gm, paths)
     training.install_clip_warning(gm)
-    preserve(gm, io.CONFIG_ATTR,
-             io.options_to_plain(recipe, concrete_args, leaf_modules, leaf_functions, blocks))
+    options = plain_config.options_to_plain(recipe, concrete_args, leaf_modules, leaf_functions,
+                                            blocks)
+    preserve(gm, plain_config.CONFIG_ATTR, options)
     return gm
 
 
@@ -159,16 +162,16 @@ def convert(prepared: nn.Module) -> torch.fx.GraphModule:
         raise ValueError(f"convert: quantizers {', '.join(off)} are disabled; enable them with "
                          "fxquant.training.set_quantizers_enabled(model, True), or leave those "
                          "slots in float in the recipe")
-    config = getattr(prepared, io.CONFIG_ATTR, None)
+    config = getattr(prepared, plain_config.CONFIG_ATTR, None)
     if config is not None and "error" not in config:
         try:
-            config = {**config, "quantizers": io.quantizer_configs(prepared)}
+            config = {**config, "quantizers": plain_config.quantizer_configs(prepared)}
         except NotImplementedError as err:
             config = {"error": str(err)}
     with _paused_gc():
         gm = run(_copy_graph_module(prepared, mode_graph(prepared, False)).eval(), LOWER)
-    io.guard_float_checkpoints(gm)  # a float checkpoint: "load it before convert"
-    preserve(gm, io.CONFIG_ATTR, config)
+    guard_float_checkpoints(gm)  # a float checkpoint: "load it before convert"
+    preserve(gm, plain_config.CONFIG_ATTR, config)
     return gm
 
 

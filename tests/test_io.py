@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxquant
-from fxquant.io import VERSION, recipe_from_plain, recipe_to_plain
+from fxquant.config import recipe_from_plain, recipe_to_plain
+from fxquant.io import VERSION
 from fxquant.quantizers import SteTern
 from tests.models import MLP, SmallCNN
 

@@ -33,11 +33,11 @@ from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import TensorMetadata
 
 from fxquant._distributed import is_distributed, plain_copy, unwrap
+from fxquant.config import CONFIG_ATTR
 from fxquant.graph.blocks import flat_view
 from fxquant.graph.meta import get_record
 from fxquant.graph.module import mode_graph
 from fxquant.graph.patterns import layer_arg
-from fxquant.io import CONFIG_ATTR
 
 __all__ = ["LayerStats", "layer_stats", "record_shapes", "summary"]
 

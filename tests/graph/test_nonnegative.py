@@ -12,8 +12,8 @@ from torch import nn
 
 import fxquant
 from fxquant import Recipe, training
+from fxquant.config import recipe_from_plain, recipe_to_plain
 from fxquant.graph.passes.nonnegative import find_nonnegative_inputs
-from fxquant.io import recipe_from_plain, recipe_to_plain
 from tests.models import TorchvisionResNet, bireal_resnet18
 
 BINARY = Recipe(weight="ste_sign", input="ste_sign")

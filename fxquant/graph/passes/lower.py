@@ -6,7 +6,7 @@ import builtins
 import inspect
 import operator
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -15,12 +15,14 @@ from torch import nn
 
 from fxquant import nn as fxquant_nn
 from fxquant import ops
+from fxquant._text import listing
 from fxquant.graph.meta import get_record, set_record, update_record
+from fxquant.graph.module import preserve
 from fxquant.graph.patterns import attribute_reads
 from fxquant.quantizers.base import Quantizer
 
 __all__ = ["restore_plain_layers", "lower_activation_quantizers", "pack_weights",
-           "eliminate_dead_code", "is_pure_node"]
+           "eliminate_dead_code", "is_pure_node", "guard_float_checkpoints"]
 
 
 class _Inference(nn.Module):
@@ -229,3 +231,39 @@ def eliminate_dead_code(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         if parent in used:  # deleting the topmost unused module removes what is below it
             gm.delete_submodule(name)
     return gm
+
+
+class _FloatCheckpointGuard:
+    """``load_state_dict`` pre-hook of a converted model; see :func:`guard_float_checkpoints`."""
+
+    def __init__(self, latent_keys: frozenset[str]) -> None:
+        self.latent_keys = latent_keys
+
+    def __call__(self, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
+        latent = sorted(k for k in self.latent_keys if prefix + k in state_dict)
+        if not latent:
+            return
+        listed = listing(latent, limit=5)
+        raise RuntimeError(f"load_state_dict: this state_dict holds float latent weights "
+                           f"({listed}) that this converted model stores as packed codes: it is "
+                           "a checkpoint of the float or prepared model. Load the float "
+                           "checkpoint into the prepared model (or into the float model before "
+                           "fxquant.prepare), then convert: fxquant.convert(prepared). A "
+                           "converted model loads its own state_dict or fxquant.load files.")
+
+
+def guard_float_checkpoints(converted: torch.fx.GraphModule) -> None:
+    """Make ``converted.load_state_dict(float_checkpoint)`` say to load before convert.
+
+    :func:`fxquant.convert` calls it. A converted model stores packed codes
+    (``fc.weight_packed.codes``) where the float model has its latent weight (``fc.weight``);
+    a state_dict holding such a latent weight is the float (or prepared) model's checkpoint, and
+    loading it raises a RuntimeError saying to load it into the prepared model (or the float
+    model before prepare) and convert after, instead of torch's list of missing and unexpected
+    keys. The hook survives ``copy.deepcopy`` and pickling.
+    """
+    own = converted.state_dict(keep_vars=True)
+    latent = frozenset(key.rpartition("_packed.")[0] for key in own if "_packed." in key) - set(own)
+    if latent:
+        converted._register_load_state_dict_pre_hook(_FloatCheckpointGuard(latent))
+        preserve(converted, "_load_state_dict_pre_hooks", converted._load_state_dict_pre_hooks)
