@@ -189,7 +189,7 @@ def binary_conv2d(x: Tensor, weight_bits: Tensor, scale: Tensor, bias: Tensor | 
             and groups > 0 and x.shape[1] % groups == 0 and weight_bits.shape[0] % groups == 0
             and weight_bits.shape[0] // groups >= MIN_CHANNELS_PER_GROUP
             and weight_bits.shape[1] * weight_bits.shape[2] * (x.shape[1] // groups) < _EXACT
-            and weight_bits.shape[3] == 8 * -(-(x.shape[1] // groups) // 64)
+            and weight_bits.shape[3] == -(-(x.shape[1] // groups) // 8)
             and scale.numel() == weight_bits.shape[0]
             and (bias is None or bias.numel() == weight_bits.shape[0])):
         return None
@@ -210,7 +210,7 @@ def binary_linear(x: Tensor, weight_bits: Tensor, scale: Tensor, bias: Tensor | 
                   ) -> Tensor | None:
     """The native binary linear layer, or None where the reference must run."""
     if not (_cpu_float(x, weight_bits, scale, bias) and x.dim() >= 1 and weight_bits.dim() == 2
-            and weight_bits.shape[1] == 8 * -(-x.shape[-1] // 64) and x.shape[-1] < _EXACT
+            and weight_bits.shape[1] == -(-x.shape[-1] // 8) and x.shape[-1] < _EXACT
             and scale.numel() == weight_bits.shape[0]
             and (bias is None or bias.numel() == weight_bits.shape[0])):
         return None

@@ -5,9 +5,10 @@ fall back to them wherever the native kernels cannot run (no compiler, another d
 NaN in the input).
 
 Layout of a packed binary weight (``weight_bits``, ``uint8``): the input-channel axis is last
-and packed LSB first, 8 channels a byte, rows padded with zero bits to whole 64-bit words, so
-``weight_bits`` has shape ``(out_channels, kh, kw, 8 * ceil(in_channels_per_group / 64))`` for a
-convolution and ``(out_features, 8 * ceil(in_features / 64))`` for a linear layer. Bit 1 means
+and packed LSB first, 8 channels a byte (channel ``c`` is bit ``c % 8`` of byte ``c // 8``),
+each row padded with zero bits to a whole byte only, so ``weight_bits`` has shape
+``(out_channels, kh, kw, ceil(in_channels_per_group / 8))`` for a convolution and
+``(out_features, ceil(in_features / 8))`` for a linear layer. Bit 1 means
 ``-1``, bit 0 means ``+1``. ``scale`` (one value per output channel) holds the magnitude ``a`` of
 a channel whose weights are ``{-a, +a}``: 1 for plain ±1 weights, α for XNOR / Bi-Real.
 """
@@ -23,16 +24,15 @@ from torch import Tensor
 __all__ = ["pack_binary_weight", "unpack_binary_weight", "binary_sign", "binary_conv2d",
            "binary_linear", "BinaryWeightError", "row_bytes"]
 
-WORD_BITS = 64
-
 
 class BinaryWeightError(ValueError):
     """The weight is not binary: some output channel holds values other than ``{-a, +a}``."""
 
 
 def row_bytes(in_channels: int) -> int:
-    """Bytes per packed row of ``in_channels`` bits: whole 64-bit words."""
-    return 8 * math.ceil(in_channels / WORD_BITS)
+    """Bytes per packed row of ``in_channels`` bits: ``ceil(in_channels / 8)`` (the last byte's
+    unused high bits are zero)."""
+    return math.ceil(in_channels / 8)
 
 
 def pack_binary_weight(weight: Tensor) -> tuple[Tensor, Tensor]:

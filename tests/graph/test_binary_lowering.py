@@ -289,8 +289,9 @@ class TestMemoryAndFiles:
         model = _with_statistics(BiRealResNet((1, 1, 1, 1), width=width))
         return model, fxquant.convert(_prepare(model, fxquant.Recipe.bnn()))
 
-    def test_resident_weight_bytes_are_within_1_1x_of_one_bit_per_weight(self):
-        model, converted = self._converted()
+    @pytest.mark.parametrize("width", [16, 64])  # 16: 16-channel rows (2 bytes each)
+    def test_resident_weight_bytes_are_within_1_1x_of_one_bit_per_weight(self, width):
+        model, converted = self._converted(width)
         records = [get_record(n.args[1]) for n in _binary_calls(converted)]
         theoretical = sum(math.ceil(r.numel / 8) for r in records)
         resident = {id(t): t.numel() * t.element_size() for r in records
@@ -301,6 +302,38 @@ class TestMemoryAndFiles:
         every = {id(t): t.numel() * t.element_size()
                  for t in [*converted.parameters(), *converted.buffers()]}
         assert sum(every.values()) - sum(resident.values()) < 0.1 * float_binary
+
+    @pytest.mark.parametrize("cin", [3, 7, 65])
+    def test_rows_of_channels_that_do_not_fill_a_byte_are_padded_to_a_byte_only(self, cin):
+        recipe = fxquant.Recipe(weight="ste_sign", input="ste_sign")
+        for model, kernel in ((_Conv(cin, 6, 3, padding=1, bias=False), (3, 3)),
+                              (nn.Sequential(nn.Linear(cin, 6, bias=False)), ())):
+            prepared = _prepare(model, recipe)
+            converted = fxquant.convert(prepared)
+            (call,) = _binary_calls(converted)
+            bits = converted.get_buffer(get_record(call.args[1]).tensors[0])
+            # one row per (out, kh, kw): ceil(cin / 8) bytes, at most 7 padding bits
+            assert tuple(bits.shape) == (6, *kernel, (cin + 7) // 8)
+            assert 8 * bits.numel() - 6 * math.prod(kernel) * cin < 8 * 6 * math.prod(kernel)
+            x = _awkward(2, cin, 5, 5) if kernel else _awkward(2, cin)
+            exact(converted(x), prepared.eval()(x))
+
+    def test_a_state_dict_with_rows_of_whole_64_bit_words_loads(self):
+        # the op's first layout padded each packed row with zero bytes to a multiple of 8 bytes
+        model, converted = self._converted(width=8)
+        words = {k: F.pad(v, (0, -v.shape[-1] % 8)) if k.endswith("weight_bits") else v
+                 for k, v in converted.state_dict().items()}
+        assert any(words[k].shape != v.shape for k, v in converted.state_dict().items())
+        torch.manual_seed(5)
+        other = fxquant.convert(_prepare(_with_statistics(BiRealResNet((1, 1, 1, 1), width=8)),
+                                         fxquant.Recipe.bnn()))
+        assert not torch.equal(other.state_dict()["layer1.0.conv1.weight_bits"],
+                               converted.state_dict()["layer1.0.conv1.weight_bits"])
+        other.load_state_dict(words)
+        for key, value in converted.state_dict().items():
+            assert torch.equal(other.state_dict()[key], value), key
+        x = _awkward(2, 3, 16, 16)
+        exact(other(x), converted(x))
 
     def test_save_and_load_round_trip(self, tmp_path):
         model, converted = self._converted(width=8)

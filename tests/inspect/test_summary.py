@@ -84,30 +84,30 @@ Ratio of MACs that are binarized  0.8372"""  # noqa: E501
 # convert: batch norm 1 folds into the float conv 0 (W' = W*s, a new bias of 4: 40 values,
 # 160 B); the row counts the prepared model's 36 + 8 = 44 params (trainable, as the conv's
 # weight); conv 2 (sign input, sign weights) becomes the packed binary op: its 288 signs are
-# stored in the op's layout, 4 input channels padded to one 64-bit word per (out, kh, kw) row:
-# 8*3*3 rows * 8 B = 576 B, plus a float32 scale per output channel (32 B) = 608 B = 0.59 KiB,
+# stored in the op's layout, 4 input channels padded to one byte per (out, kh, kw) row:
+# 8*3*3 rows * 1 B = 72 B, plus a float32 scale per output channel (32 B) = 104 B = 0.10 KiB,
 # constants, so non-trainable; batch norm 3 stays (F.batch_norm on its own tensors: gamma, beta,
 # mean, var 4*8*4 B + the int64 num_batches_tracked = 136 B = 0.13 KiB).
-# Total 1,638 params as prepared, 160 + 608 + 136 + 5,160 = 6,064 B = 5.92 KiB; float-32 as
-# prepared 6,552 B = 6.40 KiB; ratio 6,064/6,552 = 0.9255 (1.08x).
+# Total 1,638 params as prepared, 160 + 104 + 136 + 5,160 = 5,560 B = 5.43 KiB; float-32 as
+# prepared 6,552 B = 6.40 KiB; ratio 5,560/6,552 = 0.8486 (1.18x).
 CONVERTED = """\
 Layer    Op          Weight q. (bits)    Input q. (bits)    Output shape      Params    Memory (KiB)    1-bit MACs    32-bit MACs
 -------  ----------  ------------------  -----------------  --------------  --------  --------------  ------------  -------------
 0        conv2d      - (32)              - (32)             (-1, 4, 8, 8)         44            0.16             0          2,304
-2        conv2d      ste_sign (1)        ste_sign (1)       (-1, 8, 8, 8)        288            0.59        18,432              0
+2        conv2d      ste_sign (1)        ste_sign (1)       (-1, 8, 8, 8)        288            0.10        18,432              0
 3        batch_norm  -                   -                  (-1, 8, 8, 8)         16            0.13             0              0
 4        MaxPool2d   -                   -                  (-1, 8, 4, 4)          0            0.00             0              0
 5        Flatten     -                   -                  (-1, 128)              0            0.00             0              0
 6        linear      - (32)              - (32)             (-1, 10)           1,290            5.04             0          1,280
 -------  ----------  ------------------  -----------------  --------------  --------  --------------  ------------  -------------
-Total                                                                          1,638            5.92        18,432          3,584
+Total                                                                          1,638            5.43        18,432          3,584
 
 Total params                      1,638
 Trainable params                  1,350
 Non-trainable params              288
-Model size                        5.92 KiB
+Model size                        5.43 KiB
 Float-32 equivalent               6.40 KiB
-Compression ratio of memory       0.9255 (1.08x smaller)
+Compression ratio of memory       0.8486 (1.18x smaller)
 Number of MACs                    22,016
 Ratio of MACs that are binarized  0.8372"""  # noqa: E501
 

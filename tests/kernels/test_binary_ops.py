@@ -97,6 +97,41 @@ GEOMETRIES = [  # stride, padding, dilation
 ]
 
 
+def hand_packed(w):
+    """The stored layout written out: per (out[, kh, kw]) row, byte b holds input channels
+    8b .. 8b + 7, channel c at bit c % 8, bit 1 for -1; ceil(in / 8) bytes, padding bits 0."""
+    rows = (w.permute(0, 2, 3, 1) if w.dim() == 4 else w).reshape(-1, w.shape[1])
+    cin, nbytes = w.shape[1], -(-w.shape[1] // 8)
+    out = [[sum(1 << (c - 8 * b) for c in range(8 * b, min(8 * b + 8, cin)) if row[c] < 0)
+            for b in range(nbytes)] for row in rows.tolist()]
+    shape = (w.shape[0], *w.shape[2:], nbytes)
+    return torch.tensor(out, dtype=torch.uint8).reshape(shape)
+
+
+class TestLayout:
+    @pytest.mark.parametrize("channels", [1, 3, 7, 8, 9, 63, 64, 65, 130])
+    def test_rows_are_whole_bytes_lsb_first_with_zero_padding(self, channels):
+        g = torch.Generator().manual_seed(channels)
+        for w in (binary_weight(5, channels, 3, 2, generator=g),
+                  binary_weight(5, channels, generator=g)):
+            bits, scale = pack_binary_weight(w * 0.25)
+            assert bits.dtype == torch.uint8 and bits.is_contiguous()
+            assert bits.shape[-1] == math.ceil(channels / 8)
+            assert torch.equal(bits, hand_packed(w))
+            assert torch.equal(scale, torch.full((5,), 0.25))
+            assert torch.equal(kernels.unpack_binary_weight(bits, scale, channels), w * 0.25)
+
+    def test_native_refuses_rows_of_another_length_naming_the_expected_bytes(self, native):
+        w = binary_weight(4, 9, 3, 3, generator=torch.Generator().manual_seed(0))
+        words = F.pad(pack_binary_weight(w)[0], (0, 6))  # 8 bytes: rows of whole 64-bit words
+        with pytest.raises(RuntimeError, match=r"hold 8 bytes, expected 2 \(ceil\(9 input"):
+            native.conv2d(torch.randn(1, 9, 4, 4), words, torch.ones(4), None, [1, 1], [1, 1],
+                          [1, 1], 1)
+        words = F.pad(pack_binary_weight(w[:, :, 0, 0])[0], (0, 6))
+        with pytest.raises(RuntimeError, match=r"hold 8 bytes, expected 2 \(ceil\(9 features"):
+            native.linear(torch.randn(1, 9), words, torch.ones(4), None)
+
+
 class TestNativeConv:
     @pytest.mark.parametrize("groups", [1, 2, 3, 6])
     def test_every_geometry_and_group_count_equals_the_pm1_convolution(self, native, isa,
@@ -129,6 +164,16 @@ class TestNativeConv:
         bits, _ = pack_binary_weight(w)
         got = native.conv2d(x, bits, scale, bias, [1, 1], [1, 1], [1, 1], 1)
         exact(got, oracle_conv(x, w, scale, bias, [1, 1], [1, 1], [1, 1], 1))
+
+    @pytest.mark.parametrize("size", [(4, 5), (17, 15)])  # one block of pixels, many blocks
+    def test_groups_of_odd_channel_counts_in_one_and_many_pixel_blocks(self, native, isa, size):
+        g = torch.Generator().manual_seed(size[0])
+        x = with_zeros(torch.randn(2, 70, *size, generator=g))
+        w = binary_weight(74, 35, 3, 3, generator=g)  # 35 channels a group: rows of 5 bytes
+        scale, bias = torch.rand(74, generator=g), torch.randn(74, generator=g)
+        bits, _ = pack_binary_weight(w)
+        got = native.conv2d(x, bits, scale, bias, [1, 1], [1, 1], [1, 1], 2)
+        exact(got, oracle_conv(x, w, scale, bias, [1, 1], [1, 1], [1, 1], 2))
 
     def test_many_blocks_and_panels_across_images_and_threads(self, native, isa):
         g = torch.Generator().manual_seed(1)

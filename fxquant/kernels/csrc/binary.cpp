@@ -7,7 +7,8 @@
 //
 // Conv: the input is packed channels-last, (N, H, W, groups, words); rows of the packed
 // im2col (one per output pixel and group, taps x words, padded taps zero) meet weight panels
-// (NR output channels interleaved word by word) in an ISA-specific micro-kernel that counts
+// (NR output channels interleaved word by word, each 64-bit word assembled from up to 8 bytes
+// of the byte-granular weight rows, zero filled) in an ISA-specific micro-kernel that counts
 // popcount(a XOR w) for a block of MR pixels x NR channels. A padded tap's zero word adds
 // popcount(w) there, so border pixels subtract that per channel, read from 2-D prefix sums of
 // the per-tap weight popcounts over the valid tap rectangle; dot = taps * K - 2 * count.
@@ -19,6 +20,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -263,25 +265,65 @@ void store_planes(const int32_t* dot, int64_t ld, int64_t rows, int64_t channels
     for (int64_t i = 0; i < rows; ++i) one(i, j);
 }
 
-// Weights (rows, L words each; rows = groups * rows_per_group) as panels of NR interleaved rows:
-// panels[((g * P + p) * L + k) * NR + j] = word k of row g * rows_per_group + p * NR + j.
-std::vector<uint64_t> make_panels(const uint8_t* bits, int64_t groups, int64_t rows_per_group,
-                                  int64_t L, int NR) {
-  const int64_t P = div_up(rows_per_group, NR);
-  std::vector<uint64_t> panels(static_cast<size_t>(groups * P * L * NR), 0);
-  for (int64_t o = 0; o < groups * rows_per_group; ++o) {
-    const int64_t g = o / rows_per_group, oc = o % rows_per_group;
-    uint64_t* dst = panels.data() + ((g * P + oc / NR) * L) * NR + oc % NR;
-    const uint8_t* src = bits + o * L * 8;
-    for (int64_t k = 0; k < L; ++k) std::memcpy(dst + k * NR, src + 8 * k, 8);
+// Word k (channels 64k .. 64k + 63) of a packed weight row of rb bytes: up to 8 bytes, the
+// rest zero (rows are byte-granular, see reference.py; the kernels work on 64-bit words).
+inline uint64_t row_word(const uint8_t* row, int64_t rb, int64_t k) {
+  uint64_t word = 0;
+  if (8 * k + 8 <= rb) {
+    std::memcpy(&word, row + 8 * k, 8);
+  } else {
+    for (int64_t b = 8 * k; b < rb; ++b) {
+      word |= static_cast<uint64_t>(row[b]) << (8 * (b - 8 * k));
+    }
   }
+  return word;
+}
+
+// The weight rows of output channels [o0, o0 + n) (n <= NR; T taps of rb bytes each, wg words
+// per tap, L = T * wg) as one panel of NR interleaved rows, channels past n zero:
+// panel[(t * wg + k) * NR + j] = word k of tap t of channel o0 + j.
+void build_panel(const uint8_t* bits, int64_t o0, int64_t n, int64_t T, int64_t rb, int64_t wg,
+                 int NR, uint64_t* panel) {
+  const uint8_t* first = bits + o0 * T * rb;
+  const int64_t stride = T * rb;  // bytes from one channel's row to the next
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t k = 0; k < wg; ++k, panel += NR) {
+      const uint8_t* src = first + t * rb;
+      int64_t j = 0;
+      if (8 * k + 8 <= rb) {
+        for (; j < n; ++j, src += stride) std::memcpy(panel + j, src + 8 * k, 8);
+      } else {
+        for (; j < n; ++j, src += stride) panel[j] = row_word(src, rb, k);
+      }
+      for (; j < NR; ++j) panel[j] = 0;
+    }
+  }
+}
+
+// Every weight panel (groups * rows_per_group channels), built in parallel into uninitialised
+// memory: panels[((g * P + p) * L) * NR ...] = build_panel of channels g * rows_per_group + p * NR.
+// Per call by design (no second resident copy of the weights); bgemm skips it where each panel
+// is used once (see there).
+std::unique_ptr<uint64_t[]> make_panels(const uint8_t* bits, int64_t groups,
+                                        int64_t rows_per_group, int64_t T, int64_t rb,
+                                        int64_t wg, int NR) {
+  const int64_t P = div_up(rows_per_group, NR), L = T * wg;
+  std::unique_ptr<uint64_t[]> panels(new uint64_t[static_cast<size_t>(groups * P * L * NR)]);
+  at::parallel_for(0, groups * P, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t g = u / P, p = u % P;
+      build_panel(bits, g * rows_per_group + p * NR,
+                  std::min<int64_t>(NR, rows_per_group - p * NR), T, rb, wg, NR,
+                  panels.get() + u * L * NR);
+    }
+  });
   return panels;
 }
 
 // Per output channel, 2-D prefix sums over the taps of popcount(weight words):
 // prefix[o][(i) * (KW + 1) + j] = sum of tap counts over rows < i and columns < j.
 std::vector<int32_t> tap_prefix_sums(const uint8_t* bits, int64_t rows, int64_t KH, int64_t KW,
-                                     int64_t wg) {
+                                     int64_t rb) {
   const int64_t S = (KH + 1) * (KW + 1);
   std::vector<int32_t> prefix(static_cast<size_t>(rows * S), 0);
   for (int64_t o = 0; o < rows; ++o) {
@@ -289,10 +331,9 @@ std::vector<int32_t> tap_prefix_sums(const uint8_t* bits, int64_t rows, int64_t 
     for (int64_t i = 0; i < KH; ++i) {
       for (int64_t j = 0; j < KW; ++j) {
         int32_t count = 0;
-        for (int64_t k = 0; k < wg; ++k) {
-          uint64_t word;
-          std::memcpy(&word, bits + ((o * KH + i) * KW + j) * wg * 8 + 8 * k, 8);
-          count += __builtin_popcountll(word);
+        const uint8_t* row = bits + ((o * KH + i) * KW + j) * rb;
+        for (int64_t k = 0; k < div_up(rb, 8); ++k) {
+          count += __builtin_popcountll(row_word(row, rb, k));
         }
         P[(i + 1) * (KW + 1) + j + 1] =
             count + P[i * (KW + 1) + j + 1] + P[(i + 1) * (KW + 1) + j] - P[i * (KW + 1) + j];
@@ -306,20 +347,34 @@ std::vector<int32_t> tap_prefix_sums(const uint8_t* bits, int64_t rows, int64_t 
 constexpr int64_t kBlockRows = 96;
 
 // Runs the micro-kernel over rows [0, M) of A (per group g at A + g * group_stride, row stride
-// lda) against every weight panel, in parallel over (group, row block, panel) units, and hands
-// each unit's counts (rows x NR, row-major, free to overwrite) to
-// store(g, panel, first_row, rows, counts).
+// lda) against the weight panels of the packed weight rows `bits` (groups * rows_per_group
+// channels, T taps of rb bytes, wg words per tap), in parallel over (group, row block, panel)
+// units, and hands each unit's counts (rows x NR, row-major, free to overwrite) to
+// store(g, panel, first_row, rows, counts). With one row block each panel is used once, so each
+// unit builds its own in a thread-local buffer (no weight-sized allocation: a 1-row linear layer
+// reads its weights once); else all panels are built first and shared by the row blocks.
 template <class Store>
 void bgemm(const Isa& isa, const uint64_t* A, int64_t lda, int64_t group_stride, int64_t M,
-           int64_t groups, const uint64_t* panels, int64_t P, int64_t L, const Store& store) {
+           int64_t groups, const uint8_t* bits, int64_t rows_per_group, int64_t T, int64_t rb,
+           int64_t wg, const Store& store) {
   const int MR = isa.mr, NR = isa.nr;
   const int64_t MB = kBlockRows - kBlockRows % MR;
-  const int64_t blocks = div_up(M, MB);
+  const int64_t blocks = div_up(M, MB), P = div_up(rows_per_group, NR), L = T * wg;
+  std::unique_ptr<uint64_t[]> shared;
+  if (blocks > 1) shared = make_panels(bits, groups, rows_per_group, T, rb, wg, NR);
   at::parallel_for(0, groups * blocks * P, 1, [&](int64_t begin, int64_t end) {
     std::vector<int32_t> counts(static_cast<size_t>(MB) * NR);
+    std::vector<uint64_t> own(shared ? 0 : static_cast<size_t>(L * NR));
     for (int64_t u = begin; u < end; ++u) {
       const int64_t p = u % P, block = (u / P) % blocks, g = u / (P * blocks);
-      const uint64_t* panel = panels + (g * P + p) * L * NR;
+      const uint64_t* panel;
+      if (shared) {
+        panel = shared.get() + (g * P + p) * L * NR;
+      } else {
+        build_panel(bits, g * rows_per_group + p * NR,
+                    std::min<int64_t>(NR, rows_per_group - p * NR), T, rb, wg, NR, own.data());
+        panel = own.data();
+      }
       const uint64_t* a = A + g * group_stride;
       const int64_t m0 = block * MB, rows = std::min(M, m0 + MB) - m0;
       for (int64_t i = 0; i < rows; i += MR) {
@@ -375,10 +430,10 @@ std::optional<at::Tensor> conv2d(const at::Tensor& x, const at::Tensor& weight_b
   const int64_t Cout = weight_bits.size(0), KH = weight_bits.size(1), KW = weight_bits.size(2);
   TORCH_CHECK(C % groups == 0 && Cout % groups == 0, "fxquant binary conv2d: channels (", C,
               " in, ", Cout, " out) must divide by groups=", groups);
-  const int64_t cg = C / groups, cout_g = Cout / groups, wg = div_up(cg, 64);
-  TORCH_CHECK(weight_bits.size(3) == 8 * wg, "fxquant binary conv2d: weight_bits rows hold ",
-              weight_bits.size(3), " bytes, expected ", 8 * wg, " for ", cg,
-              " input channels per group");
+  const int64_t cg = C / groups, cout_g = Cout / groups, wg = div_up(cg, 64), rb = div_up(cg, 8);
+  TORCH_CHECK(weight_bits.size(3) == rb, "fxquant binary conv2d: weight_bits rows hold ",
+              weight_bits.size(3), " bytes, expected ", rb, " (ceil(", cg,
+              " input channels per group / 8))");
   check_scale_bias(scale, bias, Cout);
   const int64_t sh = stride[0], sw = stride[1], ph = padding[0], pw = padding[1];
   const int64_t dh = dilation[0], dw = dilation[1];
@@ -392,8 +447,6 @@ std::optional<at::Tensor> conv2d(const at::Tensor& x, const at::Tensor& weight_b
 
   const int64_t T = KH * KW, L = T * wg, OHW = OH * OW, M = N * OHW;
   const uint8_t* wb = weight_bits.data_ptr<uint8_t>();
-  const std::vector<uint64_t> panels = make_panels(wb, groups, cout_g, L, isa.nr);
-  const int64_t P = div_up(cout_g, isa.nr);
 
   // Valid tap ranges per output row and column; padding exists where one is partial.
   std::vector<int32_t> row_lo(OH), row_hi(OH), col_lo(OW), col_hi(OW);
@@ -407,7 +460,7 @@ std::optional<at::Tensor> conv2d(const at::Tensor& x, const at::Tensor& weight_b
     any_border |= col_lo[o] != 0 || col_hi[o] != KW;
   }
   std::vector<int32_t> prefix;
-  if (any_border) prefix = tap_prefix_sums(wb, Cout, KH, KW, wg);
+  if (any_border) prefix = tap_prefix_sums(wb, Cout, KH, KW, rb);
   const int64_t S = (KH + 1) * (KW + 1);
 
   // A: the packed input itself for a plain 1x1 convolution, else its im2col (G, M, L).
@@ -457,7 +510,7 @@ std::optional<at::Tensor> conv2d(const at::Tensor& x, const at::Tensor& weight_b
   const float* bp = bias ? bias->data_ptr<float>() : nullptr;
   const int NR = isa.nr;
   const int32_t dense = static_cast<int32_t>(T * cg);  // dot = dense - 2 * count, no padding
-  bgemm(isa, A, lda, group_stride, M, groups, panels.data(), P, L,
+  bgemm(isa, A, lda, group_stride, M, groups, wb, cout_g, T, rb, wg,
         [&](int64_t g, int64_t p, int64_t m0, int64_t rows, int32_t* counts) {
           thread_local std::vector<int64_t> offset;
           offset.resize(static_cast<size_t>(rows));
@@ -507,8 +560,9 @@ std::optional<at::Tensor> linear(const at::Tensor& x, const at::Tensor& weight_b
                   weight_bits.is_contiguous(),
               "fxquant binary linear: weight_bits must be a contiguous 2-D uint8 tensor");
   const int64_t K = x.size(-1), Out = weight_bits.size(0), words = div_up(K, 64);
-  TORCH_CHECK(weight_bits.size(1) == 8 * words, "fxquant binary linear: weight_bits rows hold ",
-              weight_bits.size(1), " bytes, expected ", 8 * words, " for ", K, " features");
+  TORCH_CHECK(weight_bits.size(1) == div_up(K, 8), "fxquant binary linear: weight_bits rows hold ",
+              weight_bits.size(1), " bytes, expected ", div_up(K, 8), " (ceil(", K,
+              " features / 8))");
   check_scale_bias(scale, bias, Out);
   const at::Tensor rows = x.reshape({-1, K}).contiguous();
   const int64_t M = rows.size(0);
@@ -517,9 +571,6 @@ std::optional<at::Tensor> linear(const at::Tensor& x, const at::Tensor& weight_b
 
   std::vector<uint64_t> packed(static_cast<size_t>(M * words));
   if (!pack_rows(rows.data_ptr<float>(), M, K, words, packed.data())) return std::nullopt;
-  const std::vector<uint64_t> panels =
-      make_panels(weight_bits.data_ptr<uint8_t>(), 1, Out, words, isa.nr);
-  const int64_t P = div_up(Out, isa.nr);
 
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = Out;
@@ -529,7 +580,8 @@ std::optional<at::Tensor> linear(const at::Tensor& x, const at::Tensor& weight_b
   const float* bp = bias ? bias->data_ptr<float>() : nullptr;
   const int NR = isa.nr;
   const int32_t k32 = static_cast<int32_t>(K);
-  bgemm(isa, packed.data(), words, 0, M, 1, panels.data(), P, words,
+  bgemm(isa, packed.data(), words, 0, M, 1, weight_bits.data_ptr<uint8_t>(), Out, 1,
+        weight_bits.size(1), words,
         [&](int64_t, int64_t p, int64_t m0, int64_t rows, int32_t* counts) {
           const int64_t channels = std::min<int64_t>(NR, Out - p * NR);
           const float* s = sp + p * NR;

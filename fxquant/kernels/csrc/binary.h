@@ -1,7 +1,8 @@
 // Packed binary kernels: the interface between the driver (binary.cpp) and the micro-kernels.
 //
-// Bits: a +1 is bit 0, a -1 is bit 1, channels packed LSB first into 64-bit words (see
-// fxquant/kernels/reference.py for the weight layout). For two rows of packed words,
+// Bits: a +1 is bit 0, a -1 is bit 1, channels packed LSB first into 64-bit words (the stored
+// weight rows are whole bytes, see fxquant/kernels/reference.py; the driver widens them to
+// words, zero filled). For two rows of packed words,
 // dot = K - 2 * popcount(a XOR w) over the K real channels (padding bits are 0 in both).
 #pragma once
 
