@@ -232,7 +232,7 @@ class _PackedWeightKeys:
     ``PackedWeight``) is repacked into the op's layout, so old ``fxquant.save`` files load (and
     files of the op's first layout, rows padded to 64-bit words, lose the zero padding); a
     float checkpoint (the latent ``<attr>``) is refused with the fix, as
-    :func:`fxquant.io.guard_float_checkpoints` does for packed weights.
+    :func:`fxquant.graph.passes.lower.guard_float_checkpoints` does for packed weights.
     """
 
     def __init__(self, attr: str, shape: tuple[int, ...]) -> None:
