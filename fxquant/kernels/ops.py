@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch._prims_common import suggest_memory_format  # ATen's rule, as F.conv2d applies it
 
 from fxquant.kernels import _native, reference
 
@@ -30,8 +31,8 @@ def binary_conv2d(x: Tensor, weight_bits: Tensor, scale: Tensor, bias: Tensor | 
     Depthwise-like convolutions (fewer than 4 output channels per group) run the reference,
     which is faster there; see :mod:`fxquant.kernels._native` for every fallback."""
     native = _native.binary_conv2d(x, weight_bits, scale, bias, stride, padding, dilation, groups)
-    if native is not None:
-        return native
+    if native is not None:  # in the memory format F.conv2d gives: successors run alike
+        return native.contiguous(memory_format=suggest_memory_format(x))
     return reference.binary_conv2d(x, weight_bits, scale, bias, stride, padding, dilation,
                                    groups)
 
@@ -42,7 +43,9 @@ def _(x: Tensor, weight_bits: Tensor, scale: Tensor, bias: Tensor | None, stride
     kh, kw = weight_bits.shape[1], weight_bits.shape[2]
     h = _conv_out(x.shape[-2], kh, stride[0], padding[0], dilation[0])
     w = _conv_out(x.shape[-1], kw, stride[1], padding[1], dilation[1])
-    return x.new_empty((*x.shape[:-3], weight_bits.shape[0], h, w))
+    shape = (*x.shape[:-3], weight_bits.shape[0], h, w)
+    return torch.empty(shape, dtype=x.dtype, device=x.device,
+                       memory_format=suggest_memory_format(x))
 
 
 @torch.library.custom_op("fxquant::binary_linear", mutates_args=())

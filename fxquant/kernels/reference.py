@@ -80,8 +80,15 @@ def unpack_binary_weight(weight_bits: Tensor, scale: Tensor | None, in_channels:
     if weight_bits.dim() == 4:
         signs = signs.permute(0, 3, 1, 2)
     if scale is None:
-        return signs.contiguous()
-    return (signs * scale.view(-1, *([1] * (signs.dim() - 1)))).contiguous()
+        return _standard(signs)
+    return _standard(signs * scale.view(-1, *([1] * (signs.dim() - 1))))
+
+
+def _standard(t: Tensor) -> Tensor:
+    """``t`` with row-major strides. ``contiguous()`` is not enough: a permuted ``(out, 1, kh,
+    kw)`` depthwise weight counts as contiguous yet has channels-last strides, and convolutions
+    then return channels-last outputs, whose elementwise successors may round differently."""
+    return t.clone(memory_format=torch.contiguous_format)
 
 
 def binary_sign(x: Tensor) -> Tensor:
