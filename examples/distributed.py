@@ -29,23 +29,9 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from offline_data import load_digits, split  # noqa: E402
+from quickstart import accuracy, make_model  # noqa: E402  (the quick start's model)
 
 import fxquant  # noqa: E402
-
-
-def make_model() -> nn.Module:
-    return nn.Sequential(
-        nn.Flatten(),
-        nn.Linear(64, 256), nn.BatchNorm1d(256), nn.Hardtanh(),
-        nn.Linear(256, 256), nn.BatchNorm1d(256), nn.Hardtanh(),
-        nn.Linear(256, 10),
-    )
-
-
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    model.eval()
-    with torch.no_grad():
-        return (model(x).argmax(1) == y).float().mean().item()
 
 
 def _join_process_group() -> bool:
