@@ -164,10 +164,29 @@ def _window(magnitude: Tensor, clip_value: float | None, *,
     if clip_value is None:
         return None
     if _compiling():
-        return magnitude <= _rounded(clip_value, magnitude.dtype)
+        return _open_weight(magnitude, clip_value)
     if consume:
         return magnitude.le_(clip_value).to(torch.bool)
     return magnitude.le(clip_value)
+
+
+def _open_weight(magnitude: Tensor, clip_value: float) -> Tensor:
+    """``1.0`` where ``magnitude <= clip_value``, ``0.0`` elsewhere and at NaN, in magnitude's
+    dtype: the window of compiled code, written without a bool tensor.
+
+    Inductor stores bool (and uint8) tensors on CPU some thirty times slower than float ones,
+    and autograd's partitioner keeps whatever the forward computed cheapest to store, so a
+    comparison anywhere near a saved window becomes a slow saved bool mask. This is the
+    saturating trick of :func:`_saturate_into` on ``clip - magnitude`` (zero exactly where they
+    are equal, gradual underflow); the infinite window is ``clamp(magnitude, 0, 0) + 1``.
+    """
+    if math.isinf(clip_value):
+        weight = torch.clamp(magnitude, 0.0, 0.0) + 1.0  # 1, NaN at NaN
+    else:
+        big = _saturating_factor(magnitude.dtype)
+        weight = (_rounded(clip_value, magnitude.dtype) - magnitude) * big * big + 1.0
+    # fmax takes 0 over NaN (a vectorised kernel, where nan_to_num compiles to a scalar loop)
+    return torch.clamp(torch.fmax(weight, magnitude.new_zeros(())), max=1.0)
 
 
 def _select(window: Tensor, grad: Tensor) -> Tensor:
@@ -179,8 +198,10 @@ def _select(window: Tensor, grad: Tensor) -> Tensor:
     ``torch.where(window, grad, 0)``.
     """
     as_int = _SAME_WIDTH_INT.get(grad.dtype)
-    if as_int is None or _compiling():  # the plain select (an exotic dtype, or compiled)
+    if as_int is None:  # an exotic float dtype: the plain select
         return torch.where(window.to(torch.bool), grad, 0.0)
+    if _compiling():  # all-ones or all-zero bits, and-ed: fuses, and no bool in the graph
+        return (grad.view(as_int) & -window.to(as_int)).view(grad.dtype)
     return window.to(as_int).mul_(grad.view(as_int)).view(grad.dtype)
 
 
@@ -195,7 +216,7 @@ def _select_in_window(x: Tensor, clip_value: float, grad: Tensor,
     then multiplied in place by the bits of ``grad``.
     """
     if _compiling():
-        return torch.where(torch.abs(x) <= _rounded(clip_value, x.dtype), grad, 0.0)
+        return _select(_open_weight(torch.abs(x), clip_value), grad)
     magnitude = torch.abs(x, out=out) if out is not None else torch.abs(x)
     as_int = _SAME_WIDTH_INT.get(grad.dtype)
     if as_int is None or magnitude.dtype != grad.dtype:

@@ -96,7 +96,7 @@ def _channel_rows(magnitude: Tensor) -> Tensor:
 class _SteSign(torch.autograd.Function):
     @staticmethod
     def forward(ctx: FunctionCtx, x: Tensor, clip_value: float | None, keep_input: bool) -> Tensor:
-        ctx.clip_value = clip_value
+        ctx.clip_value, ctx.keep_input = clip_value, keep_input
         if clip_value is None:
             return _binary_sign(x)
         if keep_input:  # the window is computed in backward from x itself
@@ -112,7 +112,7 @@ class _SteSign(torch.autograd.Function):
         if ctx.clip_value is None:
             return grad, None, None
         (saved,) = ctx.saved_tensors
-        if saved.dtype != torch.bool:  # x itself
+        if ctx.keep_input:  # x itself (else its window: bool, or 0/1 in compiled code)
             return _ste_sign_grad(saved, grad, torch.empty_like(grad), ctx.clip_value), None, None
         return _select(saved, grad), None, None
 
