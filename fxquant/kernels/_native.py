@@ -50,7 +50,11 @@ CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = ("binary.cpp", "kernel_portable.cpp", "kernel_popcnt.cpp", "kernel_avx2.cpp",
            "kernel_avx512.cpp")
 HEADERS = ("binary.h", "kernel_scalar.h")
-CFLAGS = ("-O3", "-ffp-contract=off")  # no -march: the ISA is chosen at run time
+CFLAGS = ("-O3", "-ffp-contract=off", "-fopenmp")  # no -march: the ISA is chosen at run time;
+# -fopenmp: at::parallel_for is inline OpenMP in the headers (torch's CPU wheels), serial without
+# it; at run time the extension shares torch's already loaded libgomp (same soname), so
+# torch.set_num_threads applies
+LDFLAGS = ("-fopenmp",)
 MIN_CHANNELS_PER_GROUP = 4  # fewer output channels per group: the reference is faster
 _EXACT = 2**24  # float32 sums of more +-1 terms may round: the reference defines the result
 
@@ -79,7 +83,7 @@ def _key() -> str:
     digest = hashlib.sha256()
     for name in (*SOURCES, *HEADERS):
         digest.update(name.encode() + b"\0" + (CSRC / name).read_bytes())
-    digest.update(" ".join((*CFLAGS, torch.__version__, sys.version)).encode())
+    digest.update(" ".join((*CFLAGS, *LDFLAGS, torch.__version__, sys.version)).encode())
     return digest.hexdigest()[:16]
 
 
@@ -128,7 +132,8 @@ def _build() -> ModuleType | None:
                 _module = cpp_extension.load(
                     name=f"fxquant_binary_{directory.name}",
                     sources=[str(CSRC / name) for name in SOURCES],
-                    extra_cflags=list(CFLAGS), build_directory=str(directory), verbose=False)
+                    extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS),
+                    build_directory=str(directory), verbose=False)
         except Exception as error:  # noqa: BLE001 - any build failure means "use the reference"
             lines = [line for line in str(error).strip().splitlines() if line.strip()]
             _build_error = f"{type(error).__name__}: {lines[-1] if lines else error!r}"
