@@ -93,3 +93,32 @@ binary_conv2d.register_autograd(
     lambda ctx, grad: _backward(binary_conv2d, -3, ctx, grad), setup_context=_setup)
 binary_linear.register_autograd(
     lambda ctx, grad: _backward(binary_linear, -1, ctx, grad), setup_context=_setup)
+
+
+# Autocast: the ops cast their floating inputs as F.conv2d / F.linear do (to the autocast dtype
+# of the device, e.g. bfloat16 on CPU), so a converted model under torch.autocast computes what
+# the prepared model computes there (torch.library.register_autocast fixes one dtype instead).
+
+_LIBRARY = torch.library.Library("fxquant", "FRAGMENT")
+
+
+def _register_autocast(name: str, device: str) -> None:
+    op = getattr(torch.ops.fxquant, name).default
+    key_name = "Autocast" + torch._C._dispatch_key_for_device(device)
+    excluded = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key_name))
+
+    def cast(value: object) -> object:
+        if isinstance(value, Tensor) and value.is_floating_point() and value.device.type == device:
+            return value.to(torch.get_autocast_dtype(device))
+        return value
+
+    def kernel(keyset: object, *args: object, **kwargs: object) -> Tensor:
+        with torch._C._ExcludeDispatchKeyGuard(excluded):
+            return op(*map(cast, args), **{k: cast(v) for k, v in kwargs.items()})
+
+    _LIBRARY.impl(name, kernel, key_name, with_keyset=True)
+
+
+for _name in ("binary_conv2d", "binary_linear"):
+    for _device in ("cpu", "cuda"):
+        _register_autocast(_name, _device)
