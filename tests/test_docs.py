@@ -88,6 +88,8 @@ def test_page_code_runs(page: Path, tmp_path, monkeypatch):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # the documented code must not trip fxquant's warnings
+            # torch's own deprecations (dynamo instantiates autograd Functions while tracing)
+            warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.")
             for line, code in blocks:
                 run_block(code, namespace, f"{_page_id(page)}:{line}")
     finally:  # a page is a fresh process to its reader: undo its process-wide settings
