@@ -63,13 +63,6 @@ def _once_per_message(active: bool) -> Iterator[None]:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    wrappers = (nn.DataParallel, nn.parallel.DistributedDataParallel)
-    while isinstance(model, wrappers):
-        model = model.module
-    return model
-
-
 def prepare(model: nn.Module, recipe: Recipe, *, example_inputs: Sequence[Any] | None = None,
             concrete_args: dict[str, Any] | None = None,
             leaf_modules: Iterable[str | type[nn.Module]] = (),
@@ -96,9 +89,9 @@ def prepare(model: nn.Module, recipe: Recipe, *, example_inputs: Sequence[Any] |
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"prepare expects an nn.Module, got {type(model).__name__}")
-    if _from_fxquant(_unwrap(model)):
-        done, by = (("converted", "convert") if is_converted(_unwrap(model))
-                    else ("prepared", "prepare"))
+    model = _distributed.unwrap(model, "prepare")  # a DDP wrapper: the model inside
+    if _from_fxquant(model):
+        done, by = (("converted", "convert") if is_converted(model) else ("prepared", "prepare"))
         raise ValueError(f"prepare: this model is already {done} (it was returned by fxquant."
                          f"{by}); pass the float model. To change the recipe, prepare the float "
                          "model again and load this model's state_dict into the result (the "
@@ -107,9 +100,9 @@ def prepare(model: nn.Module, recipe: Recipe, *, example_inputs: Sequence[Any] |
         raise TypeError(f"prepare expects a fxquant.Recipe, got {type(recipe).__name__}")
     leaf_modules, leaf_functions = list(leaf_modules), list(leaf_functions)
     blocks = list(blocks)
-    paths = block_paths(_unwrap(model), blocks, leaf_modules)
+    paths = block_paths(model, blocks, leaf_modules)
     with _paused_gc():
-        model = clone_module(_unwrap(model))
+        model = clone_module(model)
         traced = trace_modes(model, concrete_args, leaf_modules, DeferredGraphModule,
                              leaf_functions, paths)
         with _once_per_message(len(traced) > 1):  # both modes' passes warn alike

@@ -31,7 +31,6 @@ inputs, a weight the forward reads elsewhere too (even only its dtype).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -46,7 +45,6 @@ from fxquant.graph.meta import QuantRecord, get_record, set_record, update_recor
 from fxquant.graph.module import preserve
 from fxquant.graph.patterns import attribute_reads
 from fxquant.kernels import pack_binary_weight, reference
-from fxquant.kernels.reference import row_bytes
 from fxquant.quantizers.base import Quantizer
 from fxquant.quantizers.sign import MagnitudeAwareSign
 
@@ -217,22 +215,13 @@ def _plan(gm: torch.fx.GraphModule, layer: torch.fx.Node, kinds: _Kinds) -> _Pla
     return _Plan(layer, sign, weight, op, kwargs, sign_record.quantizer)
 
 
-def _word_rows(bits: torch.Tensor | None, in_channels: int) -> bool:
-    """Whether ``bits`` has rows of whole 64-bit words (the op's first layout, before rows of
-    ``row_bytes`` bytes) that are longer than today's rows."""
-    return (isinstance(bits, torch.Tensor) and bits.dim() in (2, 4)
-            and bits.shape[-1] == 8 * math.ceil(in_channels / 64) != row_bytes(in_channels))
-
-
 class _PackedWeightKeys:
     """``load_state_dict`` pre-hook of a module whose binary weight ``attr`` is stored packed
     for the op (``<attr>_bits``, ``<attr>_scale``).
 
     A state_dict from before the op (``<attr>_packed.codes`` / ``.table``, fxquant's 1-bit
-    ``PackedWeight``) is repacked into the op's layout, so old ``fxquant.save`` files load (and
-    files of the op's first layout, rows padded to 64-bit words, lose the zero padding); a
-    float checkpoint (the latent ``<attr>``) is refused with the fix, as
-    :func:`fxquant.graph.passes.lower.guard_float_checkpoints` does for packed weights.
+    ``PackedWeight``) is repacked into the op's layout, so old ``fxquant.save`` files load. (A
+    float checkpoint is refused by :func:`fxquant.graph.passes.lower.guard_float_checkpoints`.)
     """
 
     def __init__(self, attr: str, shape: tuple[int, ...]) -> None:
@@ -246,18 +235,6 @@ class _PackedWeightKeys:
             bits, scale = pack_binary_weight(weight)
             state_dict[f"{prefix}{self.attr}_bits"] = bits
             state_dict[f"{prefix}{self.attr}_scale"] = scale
-        elif _word_rows(state_dict.get(f"{prefix}{self.attr}_bits"), self.shape[1]):
-            # the op's first layout padded each row to whole 64-bit words (zero bytes): drop them
-            key = f"{prefix}{self.attr}_bits"
-            state_dict[key] = state_dict[key][..., :row_bytes(self.shape[1])].contiguous()
-        elif prefix + self.attr in state_dict:
-            raise RuntimeError(
-                f"load_state_dict: this state_dict holds float latent weights ({prefix}"
-                f"{self.attr}) that this converted model stores as packed bits: it is a "
-                "checkpoint of the float or prepared model. Load the float checkpoint into the "
-                "prepared model (or into the float model before fxquant.prepare), then convert: "
-                "fxquant.convert(prepared). A converted model loads its own state_dict or "
-                "fxquant.load files.")
 
 
 def _lower(gm: torch.fx.GraphModule, target: str, plans: list[_Plan],

@@ -256,14 +256,18 @@ def guard_float_checkpoints(converted: torch.fx.GraphModule) -> None:
     """Make ``converted.load_state_dict(float_checkpoint)`` say to load before convert.
 
     :func:`fxquant.convert` calls it. A converted model stores packed codes
-    (``fc.weight_packed.codes``) where the float model has its latent weight (``fc.weight``);
+    (``fc.weight_packed.codes``, or ``fc.weight_bits`` and ``fc.weight_scale`` for a layer on the
+    packed binary op) where the float model has its latent weight (``fc.weight``);
     a state_dict holding such a latent weight is the float (or prepared) model's checkpoint, and
     loading it raises a RuntimeError saying to load it into the prepared model (or the float
     model before prepare) and convert after, instead of torch's list of missing and unexpected
     keys. The hook survives ``copy.deepcopy`` and pickling.
     """
     own = converted.state_dict(keep_vars=True)
-    latent = frozenset(key.rpartition("_packed.")[0] for key in own if "_packed." in key) - set(own)
+    packed = {key.rpartition("_packed.")[0] for key in own if "_packed." in key}
+    packed |= {key[:-len("_bits")] for key in own
+               if key.endswith("_bits") and key[:-len("_bits")] + "_scale" in own}
+    latent = frozenset(packed - set(own))
     if latent:
         converted._register_load_state_dict_pre_hook(_FloatCheckpointGuard(latent))
         preserve(converted, "_load_state_dict_pre_hooks", converted._load_state_dict_pre_hooks)
