@@ -43,6 +43,7 @@ from torch import nn
 from fxquant import ops
 from fxquant.graph.meta import QuantRecord, get_record, set_record, update_record
 from fxquant.graph.module import preserve
+from fxquant.graph.passes.lower import InferenceOf, config_key
 from fxquant.graph.patterns import attribute_reads
 from fxquant.kernels import pack_binary_weight, reference
 from fxquant.quantizers.base import Quantizer
@@ -56,23 +57,10 @@ _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "group
 _CONV_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
 
 
-class _Inference(nn.Module):
-    """``fn(x)`` as a module, so tracing it inlines the plain ops of a quantizer's inference."""
-
-    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor],
-                 quantizer: nn.Module | None = None) -> None:
-        super().__init__()
-        self.fn = fn
-        self.quantizer = quantizer  # a submodule: tensors it reads become get_attr nodes
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fn(x)
-
-
 def _ops_of(fn: Callable[[torch.Tensor], torch.Tensor], quantizer: nn.Module | None = None
             ) -> tuple[Any, ...]:
     """The traced ops of ``fn`` as comparable data: (op, target, args by position) per node."""
-    graph = torch.fx.symbolic_trace(_Inference(fn, quantizer)).graph
+    graph = torch.fx.symbolic_trace(InferenceOf(quantizer, fn)).graph
     index: dict[torch.fx.Node, int] = {}
     ops_: list[tuple[Any, ...]] = []
     for i, node in enumerate(graph.nodes):
@@ -114,13 +102,8 @@ class _Kinds:
         self.cache: dict[object, str | None] = {}
 
     def __call__(self, quantizer: Quantizer) -> str | None:
-        key: object = id(quantizer)
-        if next(quantizer.parameters(), None) is None and next(quantizer.buffers(),
-                                                                None) is None:
-            try:
-                key = (type(quantizer), repr(sorted(quantizer.get_config().items())))
-            except NotImplementedError:
-                pass
+        key = config_key(quantizer)
+        key = id(quantizer) if key is None else key
         if key not in self.cache:
             self.cache[key] = binary_weight_kind(quantizer)
         return self.cache[key]

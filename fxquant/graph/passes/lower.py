@@ -22,33 +22,44 @@ from fxquant.graph.patterns import attribute_reads
 from fxquant.quantizers.base import Quantizer
 
 __all__ = ["restore_plain_layers", "lower_activation_quantizers", "pack_weights",
-           "eliminate_dead_code", "is_pure_node", "guard_float_checkpoints"]
+           "eliminate_dead_code", "is_pure_node", "guard_float_checkpoints", "InferenceOf",
+           "config_key"]
 
 
-class _Inference(nn.Module):
-    """A module whose forward is ``quantizer.inference(x)``: traced to inline its plain ops."""
+class InferenceOf(nn.Module):
+    """``fn(x)`` as a module (``quantizer.inference`` by default), traced to inline its plain
+    ops; ``quantizer`` is a submodule, so tracing finds the quantizer's own tensors."""
 
-    def __init__(self, quantizer: Quantizer) -> None:
+    def __init__(self, quantizer: nn.Module | None,
+                 fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         super().__init__()
-        self.quantizer = quantizer  # a submodule, so tracing finds the quantizer's own tensors
+        self.quantizer = quantizer
+        self.fn = fn if fn is not None else quantizer.inference  # type: ignore[union-attr]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.quantizer.inference(x)
+        return self.fn(x)
+
+
+def config_key(quantizer: Quantizer) -> object | None:
+    """What makes two quantizers compute alike in inference: their type and settings, or None
+    for a quantizer with tensors of its own or without ``get_config`` (no two are alike)."""
+    if next(quantizer.parameters(), None) is not None or next(quantizer.buffers(),
+                                                                 None) is not None:
+        return None
+    try:
+        return (type(quantizer), repr(sorted(quantizer.get_config().items())))
+    except NotImplementedError:
+        return None
 
 
 def _traced(quantizer: Quantizer, cache: dict[object, torch.fx.GraphModule]
             ) -> torch.fx.GraphModule:
-    """``quantizer.inference`` traced once per distinct configuration (tracing is the slow part);
-    quantizers with tensors of their own are traced each time."""
-    key: object = None
-    if next(quantizer.parameters(), None) is None and next(quantizer.buffers(), None) is None:
-        try:
-            key = (type(quantizer), repr(sorted(quantizer.get_config().items())))
-        except NotImplementedError:
-            key = None
+    """``quantizer.inference`` traced once per distinct :func:`config_key` (tracing is the slow
+    part); quantizers with tensors of their own are traced each time."""
+    key = config_key(quantizer)
     if key is not None and key in cache:
         return cache[key]
-    sub = torch.fx.symbolic_trace(_Inference(quantizer))
+    sub = torch.fx.symbolic_trace(InferenceOf(quantizer))
     if key is not None:
         cache[key] = sub
     return sub
