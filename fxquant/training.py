@@ -618,8 +618,10 @@ class _ClipWatch:
                       stacklevel=user_stacklevel())
 
 
-def _watches_trained_by(optimizer: torch.optim.Optimizer) -> list[_ClipWatch]:
-    watches = [w for w in list(_WATCHES) if not w.warned and w.entries]
+def _watches_trained_by(optimizer: torch.optim.Optimizer, due_only: bool = False
+                        ) -> list[_ClipWatch]:
+    watches = [w for w in list(_WATCHES)
+               if not w.warned and w.entries and (w.due or not due_only)]
     if not watches:
         return []
     params = {id(p) for group in optimizer.param_groups for p in group["params"]}
@@ -628,12 +630,12 @@ def _watches_trained_by(optimizer: torch.optim.Optimizer) -> list[_ClipWatch]:
 
 @torch.compiler.disable
 def _before_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    """Global optimizer pre-hook: make the value checks that are due. The latent weights are
-    then those the last forward used, after any clipping by hand since the last step."""
-    for watch in _watches_trained_by(optimizer):
-        if watch.due:
-            watch.due = False
-            watch.check()
+    """Global optimizer pre-hook: make the value checks that are due (none at most steps, and
+    then it returns before looking at the optimizer's parameters). The latent weights are then
+    those the last forward used, after any clipping by hand since the last step."""
+    for watch in _watches_trained_by(optimizer, due_only=True):
+        watch.due = False
+        watch.check()
 
 
 @torch.compiler.disable
