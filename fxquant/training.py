@@ -82,13 +82,15 @@ class QuantizerEntry(NamedTuple):
 # Selecting quantizers
 
 
-def _all_quantizers(gm: torch.fx.GraphModule, who: str) -> list[QuantizerEntry]:
-    """Every quantizer called in ``gm``'s graph, in graph order, each submodule once."""
+def _all_quantizers(gm: torch.fx.GraphModule, who: str,
+                    nodes: Iterable[torch.fx.Node] | None = None) -> list[QuantizerEntry]:
+    """Every quantizer called in ``gm``'s graph (``nodes``: its :func:`all_nodes`, when the
+    caller has them), in graph order, each submodule once."""
     if not isinstance(gm, torch.fx.GraphModule):
         raise TypeError(f"{who} expects a GraphModule returned by fxquant.prepare, "
                         f"got {type(gm).__name__}")
     entries: dict[str, QuantizerEntry] = {}
-    for node in all_nodes(gm):
+    for node in all_nodes(gm) if nodes is None else nodes:
         record = get_record(node)
         if (node.op == "call_module" and record is not None
                 and record.role.endswith("_quantizer") and node.target not in entries):
@@ -381,9 +383,11 @@ def _weight_sources(gm: torch.fx.GraphModule, bits: Bits, who: str
         if not bits or any(isinstance(b, bool) or not isinstance(b, int) for b in bits):
             raise ValueError(f"{who}: bits must be a non-empty collection of ints or None, "
                              f"got {bits!r}")
-    by_name = {e.name: e for e in _all_quantizers(gm, who) if e.record.role == "weight_quantizer"}
+    nodes = list(all_nodes(gm)) if isinstance(gm, torch.fx.GraphModule) else []
+    by_name = {e.name: e for e in _all_quantizers(gm, who, nodes)
+               if e.record.role == "weight_quantizer"}
     found = []
-    for node in all_nodes(gm):
+    for node in nodes:  # the flat graph of a model with blocks is built once
         entry = by_name.get(str(node.target)) if node.op == "call_module" else None
         if entry is None or (bits is not None and entry.module.bits not in bits):
             continue
